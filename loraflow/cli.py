@@ -1,0 +1,73 @@
+"""The `loraflow` command.
+
+    loraflow run --mode retail_media -S train.max_steps=20   # the whole DAG through the Prefect flow
+    loraflow report --mode retail_media                      # where the results are, and the headline numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loraflow.config import Paths, load_params, registered_model_name
+from loraflow.errors import LoraflowError
+
+
+def _report(params_file: str, overrides: list[str], mode: str | None, root: str) -> int:
+    from loraflow.io import read_json
+    from loraflow.tracking import tracking_uri
+
+    params = load_params(params_file, overrides)
+    mode = mode or params.base.modes[0]
+    p = Paths(Path(root).resolve(), mode)
+    if not (p.eval / "metrics.json").exists():
+        print(f"no results yet for mode {mode!r}: run `loraflow run --mode {mode}` or `dvc repro`")
+        return 1
+    metrics = read_json(p.eval / "metrics.json")
+    decision = read_json(p.promotion / "decision.json") if (p.promotion / "decision.json").exists() else {}
+    m = params.promote.primary_metric
+    uri = tracking_uri(params)
+    print(f"\n== loraflow results for mode {mode!r} ==")
+    print(f"held-out {m} F1 ({metrics['eval_set']['size']} conversations):")
+    for name in ("base", "champion", "candidate"):
+        s = metrics.get(name)
+        if s:
+            print(f"  {name:<10} {s[m]['mean']:.4f}  [{s[m]['ci_low']:.4f}, {s[m]['ci_high']:.4f}]")
+    print(f"decision:  {decision.get('decision')} — {decision.get('reason')}")
+    print(f"registry:  {uri}  model {registered_model_name(mode)} v{decision.get('version')}, aliases {decision.get('aliases_after')}")
+    print(f"metrics:   {p.eval / 'metrics.json'} (per-example answers: {p.eval / 'predictions.jsonl'})")
+    print(f"card:      {p.card}")
+    print(f"adapter:   {p.adapter}")
+    if uri.startswith("sqlite:"):
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="loraflow", description="LoRA adapters proven better before anyone serves them.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, help_ in (("run", "run the whole pipeline for a mode through the Prefect flow"),
+                        ("report", "print where the last run's results are and its headline numbers")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--mode", help="which mode (default: the first of base.modes)")
+        sp.add_argument("--params", default="params.yaml")
+        sp.add_argument("--root", default=".", help="project folder holding data/ and model_cards/")
+        sp.add_argument("-S", "--set", action="append", default=[], metavar="section.key=value",
+                        help="override a param, DVC style (repeatable)")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "run":
+            params = load_params(args.params, args.set)  # fail on bad params before starting Prefect
+            from flows.pipeline import pipeline
+
+            pipeline(args.mode or params.base.modes[0], args.params, args.set, args.root)
+            return _report(args.params, args.set, args.mode, args.root)
+        return _report(args.params, args.set, args.mode, args.root)
+    except LoraflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

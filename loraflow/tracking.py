@@ -1,0 +1,52 @@
+"""MLflow wiring shared by the steps: one experiment per mode, a local SQLite registry by default."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from loraflow.config import Params, registered_model_name
+
+
+def tracking_uri(params: Params) -> str:
+    """MLFLOW_TRACKING_URI wins over params; a relative sqlite path is made absolute (against the cwd)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.base.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def setup(params: Params, mode: str) -> str:
+    """Point mlflow at the store and return the id of the mode's experiment (created if missing)."""
+    import mlflow
+
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = registered_model_name(mode)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        # Keep artifacts beside the database rather than in ./mlruns of whatever the cwd is.
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our look-up and create.
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def flat_params(params: Params, *sections: str) -> dict[str, str]:
+    d = params.to_dict()
+    return {f"{s}.{k}": str(v) for s in sections for k, v in d[s].items()}
