@@ -1,0 +1,65 @@
+"""Shared fixtures: the real params shrunk for tests, and a throwaway copy of the project in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import loraflow  # noqa: F401  (sets the offline env before anything imports transformers)
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMATS = ROOT.parent / "shared" / "formats"
+MODE = "retail_media"
+
+# Real steps, shrunk: a few training steps, a few eval prompts. min_delta=-1 makes the gate pass so the
+# registry path always runs; the gate's own logic is unit-tested on plain numbers in test_promote.py.
+SHRUNK = [
+    "train.max_steps=3",
+    "train.batch_size=4",
+    "train.logging_steps=1",
+    "evaluate.max_examples=6",
+    "evaluate.max_new_tokens=24",
+    "evaluate.bootstrap_samples=200",
+    "promote.min_delta=-1.0",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (this machine has none)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the project's pipeline files and sample raw data, with its own MLflow store."""
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "data" / "raw", tmp_path / "data" / "raw")
+    return tmp_path
+
+
+@pytest.fixture
+def tracking(project: Path) -> list[str]:
+    """Overrides pointing MLflow at a SQLite file inside the test's project copy."""
+    return [f"base.tracking_uri=sqlite:///{project / 'mlflow.db'}"]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def chat(q: str, a: str, system: str | None = None) -> dict:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return {"messages": msgs}

@@ -1,0 +1,105 @@
+"""Whole-pipeline runs on shrunk params: the Prefect flow through `loraflow run`, a dataset that fails the
+gate, and `dvc repro` (twice: the second run must re-run nothing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loraflow.config import apply_overrides
+from tests.conftest import MODE, SHRUNK, chat, write_jsonl
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+
+
+def _registry(project: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    return client
+
+
+def test_loraflow_run_end_to_end_through_prefect(project, tracking):
+    sets = [a for o in SHRUNK + tracking for a in ("-S", o)]
+    r = _run([str(BIN / "loraflow"), "run", "--mode", MODE, *sets], project)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "Flow run" in r.stdout + r.stderr and "Completed" in r.stdout + r.stderr  # it ran under Prefect
+
+    cur = project / "data" / "curated" / MODE
+    stats = json.loads((cur / "stats.json").read_text())
+    assert stats["totals"]["curated"] + stats["totals"]["duplicates"] + stats["totals"]["quarantined"] == stats["totals"]["read"]
+    assert json.loads((project / "data" / "validation" / MODE / "report.json").read_text())["success"]
+
+    adapter = project / "data" / "adapters" / MODE
+    info = json.loads((adapter / "train_info.json").read_text())
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 1000 and (adapter / "adapter_config.json").exists()
+    assert info["steps"] == 3 and info["tokens_seen"] > 0 and info["quantization"] == "none"
+
+    metrics = json.loads((project / "data" / "eval" / MODE / "metrics.json").read_text())
+    assert metrics["eval_set"]["size"] == 6 and metrics["champion"] is None and "no champion" in metrics["note"]
+    for name in ("base", "candidate"):
+        for m in ("rouge1", "rouge2", "rougeL", "bertscore"):
+            s = metrics[name][m]
+            assert 0 <= s["ci_low"] <= s["mean"] <= s["ci_high"] <= 1
+    preds = (project / "data" / "eval" / MODE / "predictions.jsonl").read_text().splitlines()
+    assert len(preds) == 6 and all(json.loads(p)["candidate_answer"] for p in preds)
+
+    decision = json.loads((project / "data" / "promotion" / MODE / "decision.json").read_text())
+    assert decision["decision"] == "promote" and decision["aliases_after"]["champion"] == decision["version"]
+    client = _registry(project)
+    mv = client.get_model_version_by_alias(f"loraflow-{MODE}", "champion")
+    assert str(mv.version) == decision["version"] and mv.tags["adapter_sha256"] == info["adapter_sha256"]
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(project / "model_cards" / f"{MODE}.md")
+    assert card.data.library_name == "peft" and card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["rougeL"] == round(metrics["candidate"]["rougeL"]["mean"], 4)
+    assert f"{metrics['base']['rougeL']['mean']:.3f}" in card.text
+    # the printed summary carries both numbers
+    assert f"{metrics['candidate']['rougeL']['mean']:.4f}" in r.stdout and f"{metrics['base']['rougeL']['mean']:.4f}" in r.stdout
+
+
+def test_data_breaking_an_expectation_stops_before_training(project, tracking):
+    long = chat("Explique tudo sobre retail media.", "Detalhe. " * 700)
+    write_jsonl(project / "data" / "raw" / MODE / "zz_long.jsonl", [long])
+    sets = [a for o in SHRUNK + tracking for a in ("-S", o)]
+    r = _run([str(BIN / "loraflow"), "run", "--mode", MODE, *sets], project)
+    assert r.returncode == 1
+    err = r.stdout + r.stderr
+    assert "validation failed" in err and "n_tokens" in err and f"{MODE}/zz_long.jsonl#1" in err
+    assert not (project / "data" / "adapters" / MODE).exists()
+    assert not (project / "data" / "promotion" / MODE).exists()
+    if (project / "mlflow.db").exists():
+        assert not _registry(project).search_registered_models()
+
+
+def test_dvc_repro_runs_all_stages_then_nothing(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, SHRUNK), sort_keys=False))
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
+        assert _run(cmd, project).returncode == 0
+    r = _run([str(BIN / "dvc"), "repro"], project)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    for stage in ("curate", "validate", "train", "evaluate", "promote", "model_card"):
+        assert f"Running stage '{stage}@{MODE}'" in r.stdout
+    assert (project / "model_cards" / f"{MODE}.md").exists() and (project / "dvc.lock").exists()
+    again = _run([str(BIN / "dvc"), "repro"], project)
+    assert again.returncode == 0 and "Running stage" not in again.stdout
+    assert "Data and pipelines are up to date" in again.stdout
