@@ -13,14 +13,16 @@ import pytest
 import yaml
 
 from loraflow.config import apply_overrides
-from tests.conftest import MODE, SHRUNK, chat, write_jsonl
+from tests.conftest import MODE, ROOT, SHRUNK, chat, write_jsonl
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    # PYTHONPATH: subprocesses import this checkout's code, whatever the editable install points at.
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
