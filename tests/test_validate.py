@@ -122,7 +122,7 @@ def test_eval_record_near_a_train_record_fails_on_near_overlap(tmp_path):
     edited = [dict(m) for m in msgs]
     edited[1]["content"] = edited[1]["content"].replace(".", "!") + " obrigado"  # one word more, punctuation off
     evals.append(rec(9, edited, split="e"))
-    with pytest.raises(ValidationFailed, match=r"(?s)\[eval\] near_overlap.*e0009 \(m/x.jsonl#9: ~0\.\d+ Jaccard with t0002"):
+    with pytest.raises(ValidationFailed, match=r"(?s)\[eval\] near_overlap.*e0009 \(m/x.jsonl#9: ~[01]\.\d+ Jaccard with t0002"):
         validate.run(PARAMS, curated(tmp_path, train, evals), tmp_path / "v")
     assert "exact_overlap" not in failed_checks(tmp_path, "eval")
 
