@@ -30,7 +30,7 @@ def curate(params: Params, p: Paths) -> dict[str, Any]:
 
 @task(name="validate", cache_policy=NO_CACHE)
 def validate(params: Params, p: Paths) -> dict[str, Any]:
-    return validate_step.run(params, p.curated, p.validation)
+    return validate_step.run(params, p.curated, p.validation, p.profile)
 
 
 @task(name="train", cache_policy=NO_CACHE)

@@ -12,10 +12,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from loraflow.errors import ConfigError
 
@@ -51,9 +51,41 @@ class CurateParams(_Section):
     eval_fraction: float = Field(0.1, gt=0, lt=1)  # share of conversations held out, by stable hash
 
 
+# YAML 1.1 reads a bare `off` as false: take it as meant.
+Severity = Annotated[Literal["fail", "warn", "off"], BeforeValidator(lambda v: "off" if v is False else v)]
+
+
+class ValidateChecks(_Section):
+    """Each expectation of the gate: `fail` stops the pipeline, `warn` only reports, `off` skips it."""
+
+    unique_ids: Severity = "fail"
+    known_roles: Severity = "fail"
+    alternation: Severity = "fail"
+    last_assistant: Severity = "fail"
+    no_empty_turns: Severity = "fail"
+    max_tokens: Severity = "fail"
+    template_renders: Severity = "fail"
+    assistant_spans: Severity = "fail"
+    turns_end_with_eos: Severity = "fail"
+    min_size: Severity = "fail"
+    exact_overlap: Severity = "fail"
+    near_overlap: Severity = "fail"
+    pii_residue: Severity = "fail"
+    prefs_structure: Severity = "fail"
+    prefs_differ: Severity = "fail"
+    drift_count: Severity = "fail"
+    drift_tokens: Severity = "warn"
+    drift_sources: Severity = "warn"
+
+
 class ValidateParams(_Section):
     min_train: int = Field(20, ge=1)  # fewer curated training records than this fails the gate
     min_eval: int = Field(5, ge=1)
+    min_prefs: int = Field(0, ge=0)  # 0: preference pairs are optional
+    near_dup_threshold: float = Field(0.8, gt=0, le=1)  # estimated Jaccard of word 3-grams, eval vs train
+    drift_count_ratio: tuple[float, float] = (0.75, 2.0)  # records now / at the last pass must lie in this range
+    drift_max_ks: float = Field(0.2, gt=0, le=1)  # KS statistic of token lengths vs the last pass
+    checks: ValidateChecks = ValidateChecks()
 
 
 class TrainParams(_Section):
@@ -201,6 +233,11 @@ class Paths:
     @property
     def validation(self) -> Path:
         return self.root / "data" / "validation" / self.mode
+
+    @property
+    def profile(self) -> Path:
+        """The last passed dataset's profile: git-tracked, rewritten by validate on each pass."""
+        return self.root / "data" / "profiles" / f"{self.mode}.json"
 
     @property
     def adapter(self) -> Path:

@@ -86,6 +86,9 @@ def test_dvc_stages_match_steps_params_and_paths():
         if name in expected_outs:
             outs = [o if isinstance(o, str) else next(iter(o)) for o in do["outs"]]
             assert str(expected_outs[name].relative_to(ROOT)).replace(mode, "${item}") in outs
+    # validate reads the last passed profile and rewrites it: DVC must neither delete nor cache it
+    profile = str(p.profile.relative_to(ROOT)).replace(mode, "${item}")
+    assert {profile: {"persist": True, "cache": False}} in dvc["validate"]["do"]["outs"]
 
 
 def test_prefect_tasks_share_the_step_names():

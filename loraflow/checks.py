@@ -1,0 +1,175 @@
+"""Per-record facts the validation gate checks that Great Expectations cannot compute itself.
+
+The chat-template facts (renders, assistant spans, end-of-turn token), near-duplicate overlap between
+splits (MinHash), and the drift profile of a dataset that passed (record counts, token lengths, sources).
+Pure functions over plain data, so they are unit-testable without GX.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from bisect import bisect_left, bisect_right
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+BIN_WIDTH = 8  # tokens per histogram bin of the drift profile: fine enough for a KS statistic, small in git
+
+
+def end_of_turn_ids(tok, model_dir: str | None = None) -> set[int]:
+    """Token ids that end a turn: the tokenizer's EOS plus the generation config's eos_token_id(s).
+
+    Generation stops at the generation config's ids, so a template that closes turns with one of them stops.
+    """
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    if model_dir and (Path(model_dir) / "generation_config.json").exists():
+        eos = json.loads((Path(model_dir) / "generation_config.json").read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+def template_facts(tok, conversations: list[list[dict]], eot_ids: set[int]) -> list[dict[str, Any]]:
+    """For each conversation: does the chat template render it, its token count, whether each assistant
+    turn's content can be located as a token span (what assistant-only loss masks), and whether an
+    end-of-turn token follows each assistant turn (else generations never stop).
+
+    Renders to text and tokenizes everything in one batched call with character offsets (Rust side);
+    the span search is then a bisect per assistant turn.
+    """
+    texts: list[str | None] = []
+    errors: list[str] = []
+    for msgs in conversations:
+        try:
+            texts.append(tok.apply_chat_template(msgs, tokenize=False))
+            errors.append("")
+        except Exception as e:  # noqa: BLE001 - any template error means "cannot render"
+            texts.append(None)
+            errors.append(f"{type(e).__name__}: {e}"[:200])
+    enc = iter(_encode_with_offsets(tok, [t for t in texts if t is not None]))
+    eot_text = ", ".join(tok.convert_ids_to_tokens(sorted(eot_ids))) or "none"
+    out = []
+    for msgs, text, err in zip(conversations, texts, errors, strict=True):
+        if text is None:
+            out.append({"renders": False, "n_tokens": None, "spans_located": False, "ends_with_eot": False,
+                        "detail": {"template_renders": err}})
+            continue
+        ids, offsets = next(enc)
+        starts = [s for s, _ in offsets]
+        ends = [e for _, e in offsets]
+        row = {"renders": True, "n_tokens": len(ids), "spans_located": True, "ends_with_eot": True, "detail": {}}
+        pos = 0
+        for k, m in enumerate(msgs):
+            content = str(m.get("content") or "")
+            at = text.find(content, pos) if content else -1
+            if m.get("role") != "assistant":
+                # Step past the other turns so a short answer is not "found" inside the question before it.
+                pos = at + len(content) if at >= 0 else pos
+                continue
+            if at < 0:
+                row["spans_located"] = False
+                row["detail"]["assistant_spans"] = f"messages[{k}]: assistant content not found in the rendered text"
+                row["ends_with_eot"] = False
+                break
+            pos = at + len(content)
+            first = bisect_right(ends, at)  # first token ending after the span starts
+            last = bisect_left(starts, pos) - 1  # last token starting before the span ends
+            if first > last:
+                row["spans_located"] = False
+                row["detail"]["assistant_spans"] = f"messages[{k}]: no token covers the assistant content"
+                break
+            nxt = last + 1
+            while nxt < len(ids) and not text[starts[nxt]:ends[nxt]].strip() and ids[nxt] not in eot_ids:
+                nxt += 1  # a newline between the content and the end-of-turn token is harmless
+            if nxt >= len(ids) or ids[nxt] not in eot_ids:
+                got = tok.convert_ids_to_tokens(ids[nxt]) if nxt < len(ids) else "end of text"
+                row["ends_with_eot"] = False
+                row["detail"]["turns_end_with_eos"] = f"messages[{k}]: followed by {got!r}, not an end-of-turn token ({eot_text})"
+        out.append(row)
+    return out
+
+
+def _encode_with_offsets(tok, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    if not texts:
+        return []
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        # The Rust tokenizer directly: transformers' per-encoding conversion costs more than the encoding.
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
+
+
+_WORD = re.compile(r"\w+")
+
+
+def shingles(text: str, n: int = 3) -> set[bytes]:
+    words = _WORD.findall(text.lower())
+    if len(words) < n:
+        return {" ".join(words).encode()}
+    return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
+
+
+def conversation_text(msgs: list[dict]) -> str:
+    return "\n".join(str(m.get("content") or "") for m in msgs if isinstance(m, dict))
+
+
+def exact_key(msgs: list[dict]) -> str:
+    """Case- and whitespace-insensitive key of a conversation (curated ids are hashes of exact text)."""
+    return " ".join(_WORD.findall(conversation_text(msgs).lower()))
+
+
+def near_matches(train_texts: list[str], query_texts: list[str], threshold: float,
+                 num_perm: int = 64) -> list[tuple[int, float] | None]:
+    """For each query text, the index of a train text whose estimated word-3-gram Jaccard similarity is at
+    least `threshold` (and that similarity), else None. MinHash LSH keeps it linear in the data size."""
+    from datasketch import MinHash, MinHashLSH
+
+    if not train_texts or not query_texts:
+        return [None] * len(query_texts)
+    # crc32 (C, deterministic) instead of the default sha1: twice as fast, and MinHash permutes it anyway.
+    train_mh = MinHash.bulk([shingles(t) for t in train_texts], num_perm=num_perm, hashfunc=zlib.crc32)
+    query_mh = MinHash.bulk([shingles(t) for t in query_texts], num_perm=num_perm, hashfunc=zlib.crc32)
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    for i, mh in enumerate(train_mh):
+        lsh.insert(i, mh, check_duplication=False)
+    out: list[tuple[int, float] | None] = []
+    for mh in query_mh:
+        # LSH returns likely candidates; keep the best one whose estimate really clears the threshold.
+        best = max(((j, mh.jaccard(train_mh[j])) for j in lsh.query(mh)), key=lambda x: x[1], default=None)
+        out.append(best if best and best[1] >= threshold else None)
+    return out
+
+
+def profile(splits: dict[str, list[dict]], n_tokens: list[int], template_sha256: str) -> dict[str, Any]:
+    """The small summary of a dataset that passed, kept in git to compare the next dataset against."""
+    import numpy as np
+
+    hist = Counter((n // BIN_WIDTH) * BIN_WIDTH for n in n_tokens)
+    a = np.asarray(n_tokens or [0])
+    return {
+        "records": {k: len(v) for k, v in splits.items()},
+        "n_tokens": {"bin_width": BIN_WIDTH, "hist": {str(k): hist[k] for k in sorted(hist)},
+                     **{f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}, "max": int(a.max())},
+        "sources": dict(sorted(Counter(source_file(r.get("source")) for v in splits.values() for r in v).items())),
+        "chat_template_sha256": template_sha256,
+    }
+
+
+def source_file(source: str | None) -> str:
+    return str(source or "?").rsplit("#", 1)[0]
+
+
+def ks_binned(hist_a: dict[str, int], hist_b: dict[str, int]) -> float:
+    """Kolmogorov-Smirnov statistic (largest gap between the two cumulative distributions) on shared bins."""
+    na, nb = sum(hist_a.values()), sum(hist_b.values())
+    if not na or not nb:
+        return 0.0
+    ca = cb = 0
+    gap = 0.0
+    for k in sorted({int(k) for k in hist_a} | {int(k) for k in hist_b}):
+        ca += hist_a.get(str(k), 0)
+        cb += hist_b.get(str(k), 0)
+        gap = max(gap, abs(ca / na - cb / nb))
+    return gap
