@@ -66,8 +66,10 @@ PATTERNS: dict[str, tuple[re.Pattern, Callable[[str], bool] | None]] = {
     "cnpj": (re.compile(r"(?<![\d.])\d{2}\.?\d{3}\.?\d{3}/?\d{4}-?\d{2}(?![\d])"), _cnpj_ok),
     "cpf": (re.compile(r"(?<![\d.])\d{3}\.?\d{3}\.?\d{3}-?\d{2}(?![\d])"), _cpf_ok),
     "card": (re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)"), _luhn_ok),
-    # Brazilian phones as people write them: +55, a (DDD) in parentheses, or a hyphenated 4-4 / 5-4 number.
-    "phone": (re.compile(r"(?:\+55\s?)?(?:\(\d{2}\)\s?|\b\d{2}\s)?\b9?\d{4}-\d{4}\b|\+55\s?\d{2}\s?9?\d{4}\s?\d{4}\b"), None),
+    # Brazilian phones as people write them: with +55 or a (DDD), or a mobile 9xxxx-xxxx. A bare 4-4 number
+    # ("2000-2015") is a year range far more often than a landline, so it is left alone.
+    "phone": (re.compile(r"(?:\+55\s?)?\(\d{2}\)\s?9?\d{4}-?\d{4}\b|\+55\s?\d{2}\s?9?\d{4}[-\s]?\d{4}\b"
+                         r"|\b(?:\d{2}\s)?9\d{4}-\d{4}\b"), None),
     "ip": (re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b|\b(?:[0-9a-fA-F]{1,4}:){2,7}[0-9a-fA-F]{1,4}\b"), _ip_ok),
 }
 

@@ -10,8 +10,13 @@ def test_each_kind_is_replaced_by_a_typed_placeholder():
 
 
 def test_numbers_that_only_look_like_documents_survive():
-    text = "Investimento R$ 1.200, receita R$ 6.000; pedido 123.456.789-00; lote 4111 1111 1111 1112; versão 1.2.3.4567"
+    text = "Investimento R$ 1.200, receita R$ 6.000; pedido 123.456.789-00; lote 4111 1111 1111 1112; versão 1.2.3.4567; de 2000-2015 e 1936-1939"
     assert scrub(text)[0] == text and not find(text)
+
+
+def test_phone_formats():
+    for phone in ("+55 11 98765-4321", "(21) 3456-7890", "98765-4321", "11 98765-4321", "+5511987654321"):
+        assert find(f"ligue {phone} hoje") == {"phone": 1}, phone
 
 
 def test_kinds_can_be_turned_off():
