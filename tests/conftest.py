@@ -11,7 +11,9 @@ import pytest
 import loraflow  # noqa: F401  (sets the offline env before anything imports transformers)
 
 ROOT = Path(__file__).resolve().parents[1]
-FORMATS = ROOT.parent / "shared" / "formats"
+# Real files in the formats users bring: ../shared/formats beside the main checkout; worktrees sit deeper.
+FORMATS = next((d / "shared" / "formats" for d in ROOT.parents if (d / "shared" / "formats").is_dir()),
+               ROOT.parent / "shared" / "formats")
 MODE = "retail_media"
 
 # Real steps, shrunk: a few training steps, a few eval prompts. min_delta=-1 makes the gate pass so the
