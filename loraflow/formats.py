@@ -4,7 +4,7 @@ Reading (file -> raw records, each with its index) and converting (raw record ->
 steps, so a record that cannot be converted is quarantined exactly as it was read.
 
 Indexes: JSON arrays count records from 0; line-based files (JSONL, CSV/TSV, documents) give the line the
-record starts on (1-based); a record nested in another (Alpaca `instances`) gets `<outer>.<inner>`.
+record starts on (1-based), HTML pages `<line>:<column>`; a record nested in another (Alpaca `instances`) gets `<outer>.<inner>`.
 
 Tool use. The curated contract knows only system/user/assistant, so tool turns are written as text in the
 Hermes/Qwen convention that any chat template can render: a tool call becomes an assistant turn
@@ -301,7 +301,7 @@ class _HTMLText(HTMLParser):
     def __init__(self, headings: bool):
         super().__init__(convert_charrefs=True)
         self.headings = headings
-        self.blocks: list[tuple[int, int, str, list[str]]] = [(1, 0, "", [])]
+        self.blocks: list[tuple[Any, int, str, list[str]]] = [(1, 0, "", [])]
         self.parts: list[str] = []
         self.skip = 0
         self.heading: tuple[int, int, list[str]] | None = None
@@ -314,7 +314,8 @@ class _HTMLText(HTMLParser):
             self.title = []
         elif self.headings and re.fullmatch(r"h[1-6]", tag):
             self._flush()
-            self.heading = (self.getpos()[0], int(tag[1]), [])
+            line, col = self.getpos()
+            self.heading = (f"{line}:{col + 1}", int(tag[1]), [])  # pages often sit on one line
         elif tag in self.BLOCK:
             self.parts.append("\n- " if tag == "li" else "\n\n" if tag in ("p", "pre", "blockquote", "table") else "\n")
         elif tag in ("td", "th"):
@@ -359,7 +360,7 @@ def html_to_text(fragment: str) -> str:
     return "".join(p.blocks[0][3])
 
 
-def _html_blocks(text: str) -> list[tuple[int, int, str, list[str]]]:
+def _html_blocks(text: str) -> list[tuple[Any, int, str, list[str]]]:
     p = _HTMLText(headings=True)
     p.feed(text)
     p.close()
@@ -370,7 +371,7 @@ def _html_blocks(text: str) -> list[tuple[int, int, str, list[str]]]:
     return blocks
 
 
-def _sections(blocks: list[tuple[int, int, str, list[str]]], stem: str) -> Iterator[tuple[str, Any]]:
+def _sections(blocks: list[tuple[Any, int, str, list[str]]], stem: str) -> Iterator[tuple[str, Any]]:
     """A record per heading with text under it. Headings whose only content is sub-headings are structure."""
     title = next((h for _, lvl, h, _ in blocks if lvl == 1), "") or blocks[0][2] or stem.replace("_", " ").replace("-", " ")
     path: list[tuple[int, str]] = []
