@@ -25,7 +25,7 @@ _MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F))
 
 def shingle_hashes(text: str) -> np.ndarray:
     """64-bit hashes of the lower-cased word 3-grams of a text (the words themselves when fewer than 3)."""
-    words = np.fromiter((zlib.crc32(w.encode()) for w in _WORD.findall(text.lower())), dtype=np.uint64)
+    words = np.array(list(map(zlib.crc32, map(str.encode, _WORD.findall(text.lower())))), dtype=np.uint64)
     if len(words) < 3:
         return np.array([int(np.bitwise_xor.reduce(words * _MIX[0])) if len(words) else 0], dtype=np.uint64)
     with np.errstate(over="ignore"):
