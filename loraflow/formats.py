@@ -206,25 +206,30 @@ def _expand(items: Iterator[tuple[str, Any]], opts: Options) -> Iterator[tuple[s
 
 
 def _read_csv(text: str, kind: str, opts: Options) -> Iterator[tuple[str, Any]]:
+    csv.field_size_limit(2**31 - 1)  # long answers in one cell are normal; the default stops at 128 KiB
     delim = opts.delimiter or ("\t" if kind == "tsv" else _sniff(text))
     # newline="" hands CR/LF inside quoted cells to the csv module intact (multi-line cells, CRLF files).
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
+    # strict: an unterminated quote is an error, not a cell that silently swallows every row after it.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim, strict=True)
     header = next(reader, None)
     if not header or not any(h.strip() for h in header):
         raise Reject("empty_file", "line 1: no header row (expected column names such as question,answer)")
     header = [h.strip() for h in header]
     columns = _map_columns(header, opts.columns)
     consumed = reader.line_num
-    for row in reader:
-        start, consumed = consumed + 1, reader.line_num
-        if not any(c.strip() for c in row):
-            continue
-        rec = dict(zip(header, row, strict=False))
-        if len(row) != len(header):
-            yield str(start), Reject("bad_row", f"line {start}: {len(row)} fields, the header has {len(header)} "
-                                     f"(delimiter {delim!r})", raw=row)
-            continue
-        yield str(start), Row(rec, columns)
+    try:
+        for row in reader:
+            start, consumed = consumed + 1, reader.line_num
+            if not any(c.strip() for c in row):
+                continue
+            rec = dict(zip(header, row, strict=False))
+            if len(row) != len(header):
+                yield str(start), Reject("bad_row", f"line {start}: {len(row)} fields, the header has {len(header)} "
+                                         f"(delimiter {delim!r})", raw=row)
+                continue
+            yield str(start), Row(rec, columns)
+    except csv.Error as e:  # e.g. an unterminated quote: the rows before it were read, the rest cannot be
+        raise Reject("invalid_csv", f"line {reader.line_num}: {e}; rows from there on were not read") from None
 
 
 def _sniff(text: str) -> str:

@@ -308,6 +308,10 @@ def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str,
                 except Reject as e:
                     raw.reject = e
                     continue
+                except (TypeError, ValueError, KeyError, AttributeError) as e:
+                    # A shape no reader anticipated: still one quarantined record, never a crashed run.
+                    raw.reject = Reject("malformed", f"cannot convert ({type(e).__name__}: {e})")
+                    continue
                 raw.items = [Item(raw, messages=m) for m in conv.conversations] + [Item(raw, pref=p) for p in conv.prefs]
         except Reject as e:
             # Nothing in the file can be read: one quarantine entry names the file, the line and the fix.

@@ -340,3 +340,15 @@ def test_main_prints_a_summary_table(tmp_path, capsys):
     row = next(line for line in table.splitlines() if line.startswith("m/a.jsonl")).split()
     assert row[1:6] == ["3", "1", "1", "0", "1"]
     assert read_json(tmp_path / "out" / "stats.json")["files"]["train.jsonl"]
+
+
+def test_unterminated_csv_quote_and_odd_shapes_are_quarantined(tmp_path):
+    raw = tmp_path / "raw" / "m"
+    raw.mkdir(parents=True)
+    (raw / "a.csv").write_text('question,answer\nOk?,Sim.\nCurto?,"sem fim\n', encoding="utf-8")
+    write_jsonl(raw / "b.jsonl", [{"messages": [{"role": "user", "content": 5}]}, {"chosen": 1, "rejected": 2},
+                                  {"conversations": [{"from": "alien", "value": "?"}]}, [1, 2]])
+    stats = curate.run(PARAMS, raw, tmp_path / "out")
+    _accounted(stats)
+    assert stats["sources"]["m/a.csv"]["curated"] == 1
+    assert {k: v for k, v in stats["reasons"].items()} == {"bad_type": 3, "invalid_csv": 1, "unknown_role": 1}
