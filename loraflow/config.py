@@ -47,8 +47,62 @@ class BaseParams(_Section):
         return v
 
 
+class SourceSpec(_Section):
+    """How to read the raw files a glob matches (path under data/raw/<mode>/; the first matching spec wins)."""
+
+    glob: str
+    format: Literal["auto", "openai", "prompt_completion", "alpaca", "sharegpt", "preference", "feedback",
+                    "csv", "tsv", "markdown", "html", "text"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)  # csv/tsv: {question, answer, system} -> header
+    delimiter: str | None = None  # csv: sniffed when unset
+    encoding: str = "utf-8"
+    html_to_text: bool | None = None  # None: on for csv/tsv cells, off elsewhere (code answers hold HTML)
+    question_template: str = "{heading}"  # documents: {heading}, {path} (headings above it too), {title}
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown encoding {v!r} (e.g. utf-8, cp1252, latin-1)") from None
+        return v
+
+    @field_validator("question_template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        import string
+
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"not a format string: {e}") from None
+        if names - {"heading", "path", "title"}:
+            raise ValueError(f"unknown field(s) {sorted(names - {'heading', 'path', 'title'})}; use {{heading}}, {{path}}, {{title}}")
+        return v
+
+
+class PIIParams(_Section):
+    email: bool = True
+    cpf: bool = True
+    cnpj: bool = True
+    card: bool = True
+    phone: bool = True
+    ip: bool = True
+
+
 class CurateParams(_Section):
     eval_fraction: float = Field(0.1, gt=0, lt=1)  # share of conversations held out, by stable hash
+    sources: list[SourceSpec] = Field(default_factory=list)  # files no spec matches: format detected
+    tools: Literal["keep", "quarantine"] = "keep"  # records with tool schemas/calls: kept as text, or set aside
+    too_long: Literal["drop", "truncate", "keep"] = "drop"  # over base.max_seq_len tokens under the chat template
+    near_dup: bool = True  # MinHash/LSH near-duplicates across all sources and splits: keep the first
+    near_dup_threshold: float = Field(0.85, gt=0, le=1)  # estimated Jaccard of word 3-grams
+    feedback_min_rating: int = Field(4, ge=1, le=5)  # feedback rated at least this becomes an SFT record
+    pii: PIIParams = PIIParams()
+    length_stats_sample: int = Field(5000, ge=0)  # records whose token lengths feed the percentiles; 0 = all
 
 
 # YAML 1.1 reads a bare `off` as false: take it as meant.

@@ -1,139 +1,128 @@
-"""curate: raw files in the formats users bring -> chat-format train/eval JSONL, with every record accounted for.
+"""curate: raw files in the formats users bring -> chat-format train/eval JSONL and preference pairs.
 
     python -m steps.curate data/raw/retail_media data/curated/retail_media
 
-Reads every file under the raw folder (never modifies it). Each record ends up curated, merged as an
-exact duplicate (counted), or quarantined with a reason. The split is by a hash of the record's id, so
-adding records never moves an existing one between train and eval.
+Reads every file under the raw folder (never modifies it), each with the reader its `curate.sources` spec
+names or the one its extension and keys make unambiguous (loraflow/formats.py). Every record read ends up
+curated, merged as an exact or near duplicate (counted, its source kept in the survivor's meta), or
+quarantined with a reason. Texts are normalised (NFC, mojibake, control characters, whitespace, HTML where
+asked) and scrubbed of PII. The split is by a hash of the record's id, so adding records never moves an
+existing one between train and eval; near-duplicates are merged across splits, so no eval conversation has a
+near twin in train.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import hashlib
-import json
 import logging
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraflow.config import Params, load_params
+from loraflow import pii
+from loraflow.config import Params, SourceSpec, load_params
 from loraflow.errors import CurationError
+from loraflow.formats import Converted, Messages, Options, Pref, Reject, as_read, convert, html_to_text, read
 from loraflow.io import atomic_dir, dumps, sha256_file, write_json, write_jsonl
 from loraflow.stepcli import step_errors, step_parser
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-SUPPORTED = (".jsonl", ".json")
+OUTPUTS = ("train.jsonl", "eval.jsonl", "prefs.jsonl", "quarantine.jsonl")
+
+# ------------------------------------------------------------------------------------------ normalisation
+
+_CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\ufeff]")
+# JSON turns LaTeX "\frac" / "\beta" into a form feed / backspace followed by the rest of the word.
+_LATEX_ESCAPE = re.compile(r"([\x0c\x08])(?=[A-Za-z])")
+# Mojibake (UTF-8 read as cp1252/latin-1) shows a lead byte char followed by a continuation-range char;
+# correct Portuguese ("ão", "é ") never does, so ftfy runs only on the few texts that match.
+_MOJIBAKE = re.compile("[\u00c2-\u00f4][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc"
+                       "\u2013\u2014\u2018-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]")
+_HTML = re.compile(r"<(?:p|br|div|li|ul|ol|b|i|strong|em|a|span|table|tr|td|h[1-6])\b[^>]*>|&(?:[a-z]+|#\d+);", re.I)
+_TRAILING_WS = re.compile(r"[ \t]+\n")
+_INNER_WS = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
+_BLANK_LINES = re.compile(r"\n{3,}")
+# Every PII kind needs an '@', a run of 7+ digits and separators, or a hex pair around ':' (IPv6):
+# texts without one skip the six patterns.
+_MAYBE_PII = re.compile(r"@|\d[\d.\-/ ()]{5,}\d|[0-9a-fA-F]:[0-9a-fA-F]")
 
 
-class Reject(Exception):
-    """A record that cannot be curated; the message is the quarantine reason.
+def normalise(text: str, html: bool, fixes: Counter) -> str:
+    """NFC, mojibake repair, HTML to text (when asked), control characters and whitespace.
 
-    `raw` keeps what was read when it could not even be parsed (the line's text), so nothing is lost.
+    Leading indentation is kept (code in answers); runs of blanks inside a line collapse to one.
     """
+    if html and _HTML.search(text):
+        text = html_to_text(text)
+        fixes["html_to_text"] += 1
+    if not text.isascii():
+        if _MOJIBAKE.search(text):
+            import ftfy
 
-    def __init__(self, reason: str, raw: Any = None):
-        super().__init__(reason)
-        self.raw = raw
-
-
-@dataclass
-class SourceStats:
-    read: int = 0
-    curated: int = 0
-    duplicates: int = 0
-    quarantined: int = 0
-    reasons: Counter = field(default_factory=Counter)
-
-
-def iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (index, record) for each record of a raw file; an unparsable record comes as a Reject."""
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8", errors="strict") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield n, Reject(f"line {n}: not valid JSON ({e.msg} at column {e.colno})", raw=line.rstrip("\n"))
-    elif path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise CurationError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-        yield from enumerate(data)
-    else:
-        raise CurationError(f"{path}: unsupported file type {path.suffix!r} (supported: {', '.join(SUPPORTED)})")
+            fixed = ftfy.fix_encoding(text)
+            if fixed != text:
+                fixes["mojibake"] += 1
+                text = fixed
+        text = unicodedata.normalize("NFC", text).replace("\u00a0", " ")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if _CTRL.search(text):
+        text, n = _LATEX_ESCAPE.subn(lambda m: "\\f" if m.group(1) == "\x0c" else "\\b", text)
+        fixes["latex_escape"] += n
+        text, n = _CTRL.subn("", text)
+        fixes["control_chars"] += n
+    text = _INNER_WS.sub(" ", _TRAILING_WS.sub("\n", text))
+    return _BLANK_LINES.sub("\n\n", text).strip()
 
 
-def to_messages(rec: Any) -> list[dict[str, str]]:
-    """Turn one raw record (OpenAI messages or Alpaca) into chat messages, or raise Reject."""
-    if not isinstance(rec, dict):
-        raise Reject(f"expected a JSON object, got {type(rec).__name__}")
-    if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise Reject("field 'messages': expected a non-empty list of {role, content}")
-        out = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise Reject(f"messages[{i}]: expected an object with 'role' and 'content'")
-            if not isinstance(m["content"], str):
-                raise Reject(f"messages[{i}].content: expected a string, got {type(m['content']).__name__}")
-            out.append({"role": m["role"], "content": m["content"]})
-        return out
-    if "output" in rec or "instruction" in rec:
-        for key in ("instruction", "output"):
-            if not isinstance(rec.get(key), str):
-                raise Reject(f"Alpaca record: field {key!r} missing or not a string")
-        prompt = rec["instruction"].strip()
-        extra = rec.get("input")
-        if isinstance(extra, str) and extra.strip():
-            prompt = f"{prompt}\n\n{extra.strip()}"
-        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}]
-        if isinstance(rec.get("system"), str) and rec["system"].strip():
-            msgs.insert(0, {"role": "system", "content": rec["system"]})
-        return msgs
-    raise Reject(f"unknown record format (keys: {sorted(rec)[:8]}); expected 'messages' or Alpaca 'instruction'/'output'")
-
-
-_WS = re.compile(r"[ \t\u00a0]+")
-_CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-def normalise(text: str) -> str:
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _CTRL.sub(" ", text)
-    lines = [_WS.sub(" ", ln).strip() for ln in text.split("\n")]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-def check_structure(msgs: list[dict[str, str]]) -> None:
+def check_structure(msgs: Messages) -> None:
     """Optional leading system turn, then user/assistant alternating, ending with the assistant."""
+    _check_turns(msgs, "messages", last="assistant")
+
+
+def _check_turns(msgs: Messages, where: str, last: str) -> None:
     for i, m in enumerate(msgs):
         if m["role"] not in ROLES:
-            raise Reject(f"messages[{i}].role: {m['role']!r} is not one of {', '.join(ROLES)}")
+            raise Reject("unknown_role", f"{where}[{i}].role: {m['role']!r} is not one of {', '.join(ROLES)}")
         if not m["content"]:
-            raise Reject(f"messages[{i}] ({m['role']}): empty content")
-    turns = msgs[1:] if msgs[0]["role"] == "system" else msgs
+            raise Reject("empty_turn", f"{where}[{i}] ({m['role']}): empty content")
+    turns = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
     if not turns:
-        raise Reject("no user/assistant turns after the system message")
+        raise Reject("no_answer", f"{where}: no user/assistant turns after the system message")
     for i, m in enumerate(turns):
         want = "user" if i % 2 == 0 else "assistant"
         if m["role"] != want:
             pos = i + (len(msgs) - len(turns))
-            raise Reject(f"messages[{pos}].role: expected {want!r} (turns must alternate user/assistant), got {m['role']!r}")
-    if turns[-1]["role"] != "assistant":
-        raise Reject("last turn is the user's: there is no assistant answer to learn")
+            raise Reject("role_order", f"{where}[{pos}].role: expected {want!r} (turns must alternate user/assistant), "
+                         f"got {m['role']!r}")
+    if turns[-1]["role"] != last:
+        raise Reject("no_answer", "last turn is the user's: there is no assistant answer to learn" if last == "assistant"
+                     else f"{where}: the prompt must end with a user turn")
 
 
-def record_id(msgs: list[dict[str, str]]) -> str:
-    return hashlib.sha256(dumps(msgs).encode()).hexdigest()[:16]
+def check_pref(p: Pref) -> None:
+    _check_turns(p.prompt, "prompt", last="user")
+    for name, side in (("chosen", p.chosen), ("rejected", p.rejected)):
+        if not side:
+            raise Reject("missing_field", f"{name}: no answer")
+        for i, m in enumerate(side):
+            if m["role"] != "assistant":
+                raise Reject("role_order", f"{name}[{i}].role: expected 'assistant', got {m['role']!r}")
+            if not m["content"]:
+                raise Reject("empty_turn", f"{name}[{i}]: empty content")
+    if p.chosen == p.rejected:
+        raise Reject("identical_pair", "chosen and rejected are the same text: nothing to prefer")
+
+
+def record_id(obj: Any) -> str:
+    return hashlib.sha256(dumps(obj).encode()).hexdigest()[:16]
 
 
 def in_eval(rid: str, fraction: float) -> bool:
@@ -141,11 +130,84 @@ def in_eval(rid: str, fraction: float) -> bool:
     return int(hashlib.sha256(f"split:{rid}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
-def token_lengths(records: list[dict], params: Params) -> list[int]:
-    from loraflow.models import chat_token_lengths, load_tokenizer, resolve
+# ------------------------------------------------------------------------------------------ token lengths
 
-    tok = load_tokenizer(resolve(params.base.model, params.base.model_cache), params.base.trust_remote_code)
-    return [n for n in chat_token_lengths(tok, [r["messages"] for r in records]) if n is not None]
+@functools.lru_cache(maxsize=2)
+def _tokenizer(model: str, cache: str, trust_remote_code: bool):
+    from loraflow.models import load_tokenizer, resolve
+
+    return load_tokenizer(resolve(model, cache), trust_remote_code)
+
+
+class Lengths:
+    """Token counts under the base model's chat template, computed only where they decide something.
+
+    Tokenizing every conversation costs ~130 us each here and dominated the step. For byte-level BPE
+    tokenizers (no normalizer) every token is at least one byte, so a conversation whose rendered UTF-8
+    size is within max_seq_len fits without being tokenized. The rendered size is bounded by the template's
+    bytes with empty contents (rendered once per role sequence) plus the contents' bytes; the bound is
+    checked against one real rendering per role sequence and dropped for templates that repeat contents.
+    """
+
+    def __init__(self, params: Params):
+        self.tok = _tokenizer(params.base.model, params.base.model_cache, params.base.trust_remote_code)
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        self.byte_level = (backend is not None and backend.normalizer is None
+                           and "ByteLevel" in repr(backend.pre_tokenizer))
+        self.limit = params.base.max_seq_len
+        self._overhead: dict[tuple[str, ...], int | None] = {}
+
+    def _render(self, msgs: Messages) -> str | None:
+        try:
+            return self.tok.apply_chat_template(msgs, tokenize=False)
+        except Exception:  # noqa: BLE001 - any template error means "cannot render"
+            return None
+
+    def bound(self, msgs: Messages) -> int | None:
+        """An upper bound on the token count, or None when none is cheap."""
+        if not self.byte_level:
+            return None
+        roles = tuple(m["role"] for m in msgs)
+        content = sum(len(m["content"].encode()) for m in msgs)
+        if roles not in self._overhead:
+            empty = self._render([{"role": m["role"], "content": ""} for m in msgs])
+            real = self._render(msgs)
+            over = len(empty.encode()) if empty is not None else None
+            if over is not None and (real is None or len(real.encode()) > over + content):
+                over = None  # the template repeats or rewrites contents: no bound from it
+            self._overhead[roles] = over
+        over = self._overhead[roles]
+        return None if over is None else over + content
+
+    def count(self, convs: list[Messages]) -> list[int | None]:
+        """Exact counts, as loraflow.models.chat_token_lengths (validation) gives them, at half its cost:
+        the Rust encoder's encodings are measured directly instead of converted to Python lists first."""
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if backend is None:
+            from loraflow.models import chat_token_lengths
+
+            return chat_token_lengths(self.tok, convs)
+        texts = [self._render(c) for c in convs]
+        enc = iter(backend.encode_batch([t for t in texts if t is not None], add_special_tokens=False))
+        return [len(next(enc)) if t is not None else None for t in texts]
+
+    def truncate(self, msgs: Messages, n: int) -> Messages | None:
+        """Drop trailing exchanges, then cut the last answer, until the conversation fits; None if it cannot."""
+        msgs = [dict(m) for m in msgs]
+        start = 1 if msgs[0]["role"] == "system" else 0
+        while n > self.limit and len(msgs) - start > 2:
+            msgs = msgs[:-2]
+            n = self.count([msgs])[0] or 10**9
+        for _ in range(4):  # token boundaries shift when text is cut: re-check a few times
+            if n <= self.limit:
+                return msgs
+            ids = self.tok(msgs[-1]["content"], add_special_tokens=False)["input_ids"]
+            keep = len(ids) - (n - self.limit) - 1
+            if keep < 1:
+                return None
+            msgs[-1]["content"] = self.tok.decode(ids[:keep]).rstrip()
+            n = self.count([msgs])[0] or 10**9
+        return msgs if n <= self.limit else None
 
 
 def _percentiles(xs: list[int]) -> dict[str, float]:
@@ -157,12 +219,225 @@ def _percentiles(xs: list[int]) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 95, 99)} | {"max": int(a.max()), "mean": float(a.mean())}
 
 
+# --------------------------------------------------------------------------------------------- bookkeeping
+
+@dataclass
+class SourceStats:
+    read: int = 0
+    curated: int = 0
+    duplicates: int = 0
+    near_duplicates: int = 0  # of `duplicates`, those merged as near (not exact) twins
+    quarantined: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    formats: Counter = field(default_factory=Counter)
+    pii: Counter = field(default_factory=Counter)
+    fixes: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"read": self.read, "curated": self.curated, "duplicates": self.duplicates,
+                "near_duplicates": self.near_duplicates, "quarantined": self.quarantined,
+                "reasons": dict(sorted(self.reasons.items())), "formats": dict(sorted(self.formats.items())),
+                "pii": dict(sorted(self.pii.items())), "fixes": dict(sorted(self.fixes.items()))}
+
+
+@dataclass
+class Raw:
+    """One record read, and what became of it."""
+
+    file: str
+    source: str
+    record: Any
+    format: str = ""
+    items: list[Item] = field(default_factory=list)
+    reject: Reject | None = None
+
+
+@dataclass
+class Item:
+    """One output a raw record yields: an SFT conversation or a preference pair."""
+
+    raw: Raw
+    messages: Messages | None = None
+    pref: Pref | None = None
+    id: str = ""
+    n_tokens: int | None = None
+    truncated: bool = False
+    outcome: str = ""  # new | duplicate | near_duplicate
+    twin: Item | None = None  # the kept item a duplicate was merged into
+
+
+def spec_for(rel: str, specs: list[SourceSpec]) -> SourceSpec | None:
+    name = rel.rsplit("/", 1)[-1]
+    return next((s for s in specs if fnmatch.fnmatch(rel, s.glob) or fnmatch.fnmatch(name, s.glob)), None)
+
+
+def _options(spec: SourceSpec | None, params: Params) -> Options:
+    c = params.curate
+    base = {"tools": c.tools, "feedback_min_rating": c.feedback_min_rating}
+    if spec is None:
+        return Options(**base)
+    return Options(format=spec.format, columns=dict(spec.columns), delimiter=spec.delimiter, encoding=spec.encoding,
+                   html_to_text=spec.html_to_text, question_template=spec.question_template, **base)
+
+
+# ------------------------------------------------------------------------------------------------- phases
+
+def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str, SourceStats]) -> list[Raw]:
+    """Read, convert, normalise, scrub and check every record of every file."""
+    kinds = [k for k in pii.KINDS if getattr(params.curate.pii, k)]
+    raws: list[Raw] = []
+    for path in files:
+        # "<mode>/<file>": stable whatever the working directory, so re-runs are byte-identical.
+        rel = (Path(raw_dir.name) / path.relative_to(raw_dir)).as_posix()
+        st = stats[rel]
+        opts = _options(spec_for(path.relative_to(raw_dir).as_posix(), params.curate.sources), params)
+        try:
+            for idx, rec in read(path, opts):
+                raw = Raw(rel, f"{rel}#{idx}", rec)
+                raws.append(raw)
+                try:
+                    if isinstance(rec, Reject):
+                        raise rec
+                    conv = convert(rec, opts)
+                    raw.format = conv.format
+                    _normalise(conv, kinds, st)
+                    for msgs in conv.conversations:
+                        check_structure(msgs)
+                    for p in conv.prefs:
+                        check_pref(p)
+                except Reject as e:
+                    raw.reject = e
+                    continue
+                except (TypeError, ValueError, KeyError, AttributeError) as e:
+                    # A shape no reader anticipated: still one quarantined record, never a crashed run.
+                    raw.reject = Reject("malformed", f"cannot convert ({type(e).__name__}: {e})")
+                    continue
+                raw.items = [Item(raw, messages=m) for m in conv.conversations] + [Item(raw, pref=p) for p in conv.prefs]
+        except Reject as e:
+            # Nothing in the file can be read: one quarantine entry names the file, the line and the fix.
+            raws.append(Raw(rel, rel, None, reject=Reject(e.code, f"{rel}: {e}")))
+            log.error("%s: %s", rel, e)
+        except OSError as e:
+            raws.append(Raw(rel, rel, None, reject=Reject("unreadable_file", f"{rel}: cannot be read ({e})")))
+            log.error("%s: cannot be read (%s)", rel, e)
+    return raws
+
+
+def _normalise(conv: Converted, kinds: list[str], st: SourceStats) -> None:
+    def fix(msgs: Messages) -> Messages:
+        out = []
+        for m in msgs:
+            text = normalise(m["content"], conv.html, st.fixes)
+            if kinds and _MAYBE_PII.search(text):
+                text, found = pii.scrub(text, kinds)
+                st.pii.update(found)
+            out.append({"role": m["role"], "content": text})
+        return out
+
+    conv.conversations = [fix(m) for m in conv.conversations]
+    conv.prefs = [Pref(fix(p.prompt), fix(p.chosen), fix(p.rejected)) for p in conv.prefs]
+
+
+def _apply_length_policy(params: Params, raws: list[Raw], lengths: Lengths) -> None:
+    """Count tokens where the bound cannot vouch for a fit; drop, truncate or keep what is too long."""
+    limit, policy = params.base.max_seq_len, params.curate.too_long
+    todo: list[tuple[Item, Messages]] = []
+    for raw in raws:
+        for it in raw.items:
+            for conv in ([it.messages] if it.messages else [it.pref.prompt + it.pref.chosen, it.pref.prompt + it.pref.rejected]):
+                b = lengths.bound(conv)
+                if b is None or b > limit:
+                    todo.append((it, conv))
+    counts = lengths.count([c for _, c in todo]) if todo else []
+    for (it, _), n in zip(todo, counts, strict=True):
+        n = 10**9 if n is None else n  # a conversation the template cannot render never fits
+        it.n_tokens = n if it.n_tokens is None else max(it.n_tokens, n)
+    if policy == "keep":
+        return
+    for raw in raws:
+        for it in raw.items:
+            if it.n_tokens is None or it.n_tokens <= limit:
+                continue
+            if policy == "truncate" and it.messages is not None:
+                cut = lengths.truncate(it.messages, it.n_tokens)
+                if cut is not None:
+                    it.messages, it.truncated, it.n_tokens = cut, True, lengths.count([cut])[0]
+                    continue
+            raw.reject = Reject("too_long", f"{it.n_tokens} tokens under the chat template, over base.max_seq_len="
+                                f"{limit} (curate.too_long: {policy})")
+        if raw.reject:
+            raw.items = []
+
+
+def _dedup(params: Params, raws: list[Raw]) -> tuple[list[Item], list[Item]]:
+    """Exact duplicates by id, then near duplicates of conversations; the first seen is kept."""
+    seen: dict[str, Item] = {}
+    kept_sft: list[Item] = []
+    kept_prefs: list[Item] = []
+    for raw in raws:
+        for it in raw.items:
+            it.id = record_id(it.messages if it.messages is not None else
+                              {"prompt": it.pref.prompt, "chosen": it.pref.chosen, "rejected": it.pref.rejected})
+            if it.id in seen:
+                it.outcome, it.twin = "duplicate", seen[it.id]
+                continue
+            seen[it.id] = it
+            it.outcome = "new"
+            (kept_sft if it.messages is not None else kept_prefs).append(it)
+    if params.curate.near_dup and kept_sft:
+        from loraflow.neardup import near_duplicates
+
+        # System prompts are left out: a long shared one would make every short exchange look alike.
+        texts = ["\n".join(m["content"] for m in it.messages if m["role"] != "system") for it in kept_sft]
+        merged = near_duplicates(texts, params.curate.near_dup_threshold)
+        for it, hit in zip(kept_sft, merged, strict=True):
+            if hit is not None:
+                it.outcome, it.twin = "near_duplicate", kept_sft[hit[0]]
+        kept_sft = [it for it in kept_sft if it.outcome == "new"]
+    return kept_sft, kept_prefs
+
+
+def _tally(raws: list[Raw], stats: dict[str, SourceStats]) -> list[dict]:
+    """Each raw record's outcome into its source's counts; the quarantine file's entries."""
+    quarantine = []
+    for raw in raws:
+        st = stats[raw.file]
+        st.read += 1
+        if raw.format:
+            st.formats[raw.format] += 1
+        if raw.reject is not None:
+            st.quarantined += 1
+            st.reasons[raw.reject.code] += 1
+            record = raw.reject.raw if raw.reject.raw is not None else as_read(raw.record)
+            quarantine.append({"source": raw.source, "category": raw.reject.code, "reason": str(raw.reject),
+                               "record": record})
+        elif any(it.outcome == "new" for it in raw.items):
+            st.curated += 1
+        else:
+            st.duplicates += 1
+            st.near_duplicates += all(it.outcome == "near_duplicate" for it in raw.items)
+    return quarantine
+
+
+def _sft_record(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
+    meta = {"format": it.raw.format, **dups.get(id(it), {"duplicates": [], "near_duplicates": []})}
+    if it.truncated:
+        meta["truncated"] = True
+    return {"id": it.id, "messages": it.messages, "source": it.raw.source, "meta": meta}
+
+
+def _pref_record(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
+    meta = {"format": it.raw.format, **dups.get(id(it), {"duplicates": [], "near_duplicates": []})}
+    return {"id": it.id, "prompt": it.pref.prompt, "chosen": it.pref.chosen, "rejected": it.pref.rejected,
+            "source": it.raw.source, "meta": meta}
+
+
 def run(params: Params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Curate every file under `raw_dir` into `out_dir`.
 
     Args:
         params: the validated params (reads `base` and `curate`).
-        raw_dir: folder of raw files (.jsonl: OpenAI messages or Alpaca lines; .json: an array of them).
+        raw_dir: folder of raw files in any supported format (see loraflow/formats.py and curate.sources).
         out_dir: gets train.jsonl, eval.jsonl, prefs.jsonl, quarantine.jsonl and stats.json, written whole.
 
     Returns:
@@ -171,72 +446,85 @@ def run(params: Params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     files = sorted(p for p in raw_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise CurationError(f"{raw_dir}: no raw files found (expected {', '.join(SUPPORTED)} files)")
+        raise CurationError(f"{raw_dir}: no raw files found")
 
     stats: dict[str, SourceStats] = defaultdict(SourceStats)
-    seen: dict[str, dict] = {}
-    quarantine: list[dict] = []
-    for path in files:
-        # "<mode>/<file>": stable whatever the working directory, so re-runs are byte-identical.
-        rel = Path(raw_dir.name) / path.relative_to(raw_dir)
-        src_stats = stats[str(rel)]
-        try:
-            for idx, raw in iter_raw(path):
-                src_stats.read += 1
-                source = f"{rel}#{idx}"
-                try:
-                    if isinstance(raw, Reject):
-                        raise raw
-                    msgs = [{"role": m["role"], "content": normalise(m["content"])} for m in to_messages(raw)]
-                    check_structure(msgs)
-                except Reject as e:
-                    src_stats.quarantined += 1
-                    src_stats.reasons[str(e).split(":")[0]] += 1
-                    quarantine.append({"source": source, "reason": str(e), "record": raw.raw if isinstance(raw, Reject) else raw})
-                    continue
-                rid = record_id(msgs)
-                if rid in seen:
-                    src_stats.duplicates += 1
-                    seen[rid]["meta"]["duplicates"].append(source)
-                    continue
-                src_stats.curated += 1
-                seen[rid] = {"id": rid, "messages": msgs, "source": source, "meta": {"duplicates": []}}
-        except (CurationError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            # The whole file is unreadable: keep a trace of it in quarantine and go on with the others.
-            why = e if isinstance(e, CurationError) else f"{rel}: cannot be read ({e})"
-            src_stats.quarantined += 1
-            quarantine.append({"source": f"{rel}", "reason": str(why), "record": None})
-            log.error("%s", why)
-
-    if not seen:
+    raws = _read_all(params, raw_dir, files, stats)
+    lengths = Lengths(params)
+    _apply_length_policy(params, raws, lengths)
+    kept, prefs = _dedup(params, raws)
+    quarantine = _tally(raws, stats)
+    if not kept and not prefs:
         # Nothing is written (the previous output stays), so the reasons go into the message itself.
         why = "; ".join(f"{q['source']}: {q['reason']}" for q in quarantine[:5])
         raise CurationError(f"{raw_dir}: no record could be curated ({len(quarantine)} rejected): {why}")
 
-    records = list(seen.values())
-    train = [r for r in records if not in_eval(r["id"], params.curate.eval_fraction)]
-    evals = [r for r in records if in_eval(r["id"], params.curate.eval_fraction)]
-    lengths = token_lengths(records, params)
+    dups: dict[int, dict[str, list[str]]] = {}
+    for raw in raws:
+        for it in raw.items:
+            if it.twin is not None:
+                key = "duplicates" if it.outcome == "duplicate" else "near_duplicates"
+                kept_twin = it.twin
+                while kept_twin.twin is not None:  # an exact copy of a record later merged as a near twin
+                    kept_twin, key = kept_twin.twin, "near_duplicates"
+                dups.setdefault(id(kept_twin), {"duplicates": [], "near_duplicates": []})[key].append(raw.source)
+    fraction = params.curate.eval_fraction
+    train = [_sft_record(it, dups) for it in kept if not in_eval(it.id, fraction)]
+    evals = [_sft_record(it, dups) for it in kept if in_eval(it.id, fraction)]
+
+    # Percentiles over a stable sample (the smallest ids): exact for the records counted already.
+    sample = sorted(kept, key=lambda it: it.id)[:params.curate.length_stats_sample or None]
+    missing = [it for it in sample if it.n_tokens is None]
+    for it, n in zip(missing, lengths.count([it.messages for it in missing]) if missing else [], strict=True):
+        it.n_tokens = n
+    token_lengths = _percentiles([it.n_tokens for it in sample if it.n_tokens is not None])
+    token_lengths["counted"] = len(sample)
 
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "train.jsonl", train)
         write_jsonl(tmp / "eval.jsonl", evals)
-        write_jsonl(tmp / "prefs.jsonl", [])
+        write_jsonl(tmp / "prefs.jsonl", [_pref_record(it, dups) for it in prefs])
         write_jsonl(tmp / "quarantine.jsonl", quarantine)
+        fields = ("read", "curated", "duplicates", "quarantined")
+        totals = {f: sum(getattr(s, f) for s in stats.values()) for f in fields}
         summary = {
-            "sources": {k: {**{f: getattr(v, f) for f in ("read", "curated", "duplicates", "quarantined")},
-                            "reasons": dict(v.reasons)} for k, v in sorted(stats.items())},
-            "totals": {f: sum(getattr(v, f) for v in stats.values()) for f in ("read", "curated", "duplicates", "quarantined")},
-            "splits": {"train": len(train), "eval": len(evals), "prefs": 0},
-            "token_lengths": _percentiles(lengths),
+            "sources": {k: v.as_dict() for k, v in sorted(stats.items())},
+            "totals": totals,
+            "reasons": dict(sorted(sum((s.reasons for s in stats.values()), Counter()).items())),
+            "pii": dict(sorted(sum((s.pii for s in stats.values()), Counter()).items())),
+            "dedup": {"exact": totals["duplicates"] - sum(s.near_duplicates for s in stats.values()),
+                      "near": sum(s.near_duplicates for s in stats.values()),
+                      "near_dup": params.curate.near_dup, "near_dup_threshold": params.curate.near_dup_threshold},
+            "splits": {"train": len(train), "eval": len(evals), "prefs": len(prefs)},
+            "token_lengths": token_lengths,
             "tokenizer": params.base.model,
-            "files": {n: sha256_file(tmp / n) for n in ("train.jsonl", "eval.jsonl", "prefs.jsonl", "quarantine.jsonl")},
+            "files": {n: sha256_file(tmp / n) for n in OUTPUTS},
         }
         write_json(tmp / "stats.json", summary)
     t = summary["totals"]
-    log.info("curate: %d read -> %d curated (%d train / %d eval), %d duplicates merged, %d quarantined",
-             t["read"], t["curated"], len(train), len(evals), t["duplicates"], t["quarantined"])
+    log.info("curate: %d read -> %d curated (%d train / %d eval / %d prefs), %d duplicates merged, %d quarantined",
+             t["read"], t["curated"], len(train), len(evals), len(prefs), t["duplicates"], t["quarantined"])
     return summary
+
+
+def summary_table(stats: dict[str, Any]) -> str:
+    """The stats as a table for the terminal: one row per source, then totals, splits and PII."""
+    head = ("source", "read", "curated", "dup", "near", "quarant.", "top reasons")
+    rows = [(src, s["read"], s["curated"], s["duplicates"], s["near_duplicates"], s["quarantined"],
+             ", ".join(f"{k} {n}" for k, n in Counter(s["reasons"]).most_common(3)) or "-")
+            for src, s in stats["sources"].items()]
+    t = stats["totals"]
+    rows.append(("TOTAL", t["read"], t["curated"], t["duplicates"], stats["dedup"]["near"], t["quarantined"],
+                 ", ".join(f"{k} {n}" for k, n in Counter(stats["reasons"]).most_common(3)) or "-"))
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:{'<' if i in (0, 6) else '>'}{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*head), "  ".join("-" * w for w in widths)]
+    lines += [fmt.format(*r) for r in rows[:-1]] + ["  ".join("-" * w for w in widths), fmt.format(*rows[-1])]
+    sp, tl = stats["splits"], stats["token_lengths"]
+    lines.append(f"splits: {sp['train']} train / {sp['eval']} eval / {sp['prefs']} preference pairs;  "
+                 f"tokens p50 {tl.get('p50', '-')} p95 {tl.get('p95', '-')} max {tl.get('max', '-')}")
+    lines.append("pii scrubbed: " + (", ".join(f"{k} {n}" for k, n in stats["pii"].items()) or "none"))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -245,7 +533,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out_dir", type=Path)
     args = ap.parse_args(argv)
     with step_errors():
-        run(load_params(args.params, args.set), args.raw_dir, args.out_dir)
+        stats = run(load_params(args.params, args.set), args.raw_dir, args.out_dir)
+        print(summary_table(stats))
 
 
 if __name__ == "__main__":

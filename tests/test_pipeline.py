@@ -81,7 +81,8 @@ def test_loraflow_run_end_to_end_through_prefect(project, tracking):
 def test_data_breaking_an_expectation_stops_before_training(project, tracking):
     long = chat("Explique tudo sobre retail media.", "Detalhe. " * 700)
     write_jsonl(project / "data" / "raw" / MODE / "zz_long.jsonl", [long])
-    sets = [a for o in SHRUNK + tracking for a in ("-S", o)]
+    # curate drops over-long records by default; keep it so that the validation gate is what stops the run
+    sets = [a for o in [*SHRUNK, *tracking, "curate.too_long=keep"] for a in ("-S", o)]
     r = _run([str(BIN / "loraflow"), "run", "--mode", MODE, *sets], project)
     assert r.returncode == 1
     err = r.stdout + r.stderr
