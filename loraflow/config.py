@@ -49,6 +49,7 @@ class BaseParams(_Section):
 
 class CurateParams(_Section):
     eval_fraction: float = Field(0.1, gt=0, lt=1)  # share of conversations held out, by stable hash
+    feedback_min_rating: int = Field(4, ge=1, le=5)  # served answers rated at least this become SFT records
 
 
 class ValidateParams(_Section):
@@ -193,6 +194,10 @@ class Paths:
     @property
     def raw(self) -> Path:
         return self.root / "data" / "raw" / self.mode
+
+    @property
+    def feedback(self) -> Path:
+        return self.root / "data" / "raw" / "feedback" / self.mode
 
     @property
     def curated(self) -> Path:

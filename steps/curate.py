@@ -157,13 +157,14 @@ def _percentiles(xs: list[int]) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 95, 99)} | {"max": int(a.max()), "mean": float(a.mean())}
 
 
-def run(params: Params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Curate every file under `raw_dir` into `out_dir`.
+def run(params: Params, raw_dir: Path, out_dir: Path, feedback_dir: Path | None = None) -> dict[str, Any]:
+    """Curate every file under `raw_dir` (and the served answers' feedback, if given) into `out_dir`.
 
     Args:
         params: the validated params (reads `base` and `curate`).
         raw_dir: folder of raw files (.jsonl: OpenAI messages or Alpaca lines; .json: an array of them).
         out_dir: gets train.jsonl, eval.jsonl, prefs.jsonl, quarantine.jsonl and stats.json, written whole.
+        feedback_dir: data/raw/feedback/<mode>/ as `loraflow serve` writes it (format: loraflow/feedback.py).
 
     Returns:
         The stats dict also written to stats.json.
@@ -208,6 +209,10 @@ def run(params: Params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
             quarantine.append({"source": f"{rel}", "reason": str(why), "record": None})
             log.error("%s", why)
 
+    prefs: dict[str, dict] = {}
+    if feedback_dir is not None:
+        read_feedback(Path(feedback_dir), params.curate.feedback_min_rating, stats, seen, prefs, quarantine)
+
     if not seen:
         # Nothing is written (the previous output stays), so the reasons go into the message itself.
         why = "; ".join(f"{q['source']}: {q['reason']}" for q in quarantine[:5])
@@ -221,13 +226,13 @@ def run(params: Params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "train.jsonl", train)
         write_jsonl(tmp / "eval.jsonl", evals)
-        write_jsonl(tmp / "prefs.jsonl", [])
+        write_jsonl(tmp / "prefs.jsonl", list(prefs.values()))
         write_jsonl(tmp / "quarantine.jsonl", quarantine)
         summary = {
             "sources": {k: {**{f: getattr(v, f) for f in ("read", "curated", "duplicates", "quarantined")},
                             "reasons": dict(v.reasons)} for k, v in sorted(stats.items())},
             "totals": {f: sum(getattr(v, f) for v in stats.values()) for f in ("read", "curated", "duplicates", "quarantined")},
-            "splits": {"train": len(train), "eval": len(evals), "prefs": 0},
+            "splits": {"train": len(train), "eval": len(evals), "prefs": len(prefs)},
             "token_lengths": _percentiles(lengths),
             "tokenizer": params.base.model,
             "files": {n: sha256_file(tmp / n) for n in ("train.jsonl", "eval.jsonl", "prefs.jsonl", "quarantine.jsonl")},
@@ -239,13 +244,65 @@ def run(params: Params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def read_feedback(folder: Path, min_rating: int, stats: dict[str, SourceStats], seen: dict[str, dict],
+                  prefs: dict[str, dict], quarantine: list[dict]) -> None:
+    """Fold `loraflow serve`'s feedback events into the curated records (SFT) and preference pairs.
+
+    Same accounting as raw files: each event is curated, merged as a duplicate, or quarantined with a reason.
+    """
+    from loraflow.feedback import sft_and_pref
+
+    for path in sorted(p for p in folder.rglob("*.jsonl") if not p.name.startswith(".")):
+        rel = Path("feedback") / folder.name / path.relative_to(folder)
+        src_stats = stats[str(rel)]
+        for idx, raw in iter_raw(path):
+            src_stats.read += 1
+            source = f"{rel}#{idx}"
+            try:
+                if isinstance(raw, Reject):
+                    raise raw
+                try:
+                    sft, pair = sft_and_pref(raw, min_rating)
+                except ValueError as e:
+                    raise Reject(str(e)) from None
+                fb = {k: raw.get(k) for k in ("response_id", "rating", "adapter_version", "timestamp")}
+                if sft is not None:
+                    sft = [{"role": m["role"], "content": normalise(m["content"])} for m in sft]
+                    check_structure(sft)
+                if pair is not None:
+                    pair = {k: [{"role": m["role"], "content": normalise(m["content"])} for m in v] for k, v in pair.items()}
+                    check_structure(pair["prompt"] + pair["chosen"])
+            except Reject as e:
+                src_stats.quarantined += 1
+                src_stats.reasons[str(e).split(":")[0]] += 1
+                quarantine.append({"source": source, "reason": str(e), "record": raw.raw if isinstance(raw, Reject) else raw})
+                continue
+            new = False
+            for rec, store in ((sft, seen), (pair, prefs)):
+                if rec is None:
+                    continue
+                rid = record_id(rec if isinstance(rec, list) else [*rec["prompt"], *rec["chosen"], *rec["rejected"]])
+                if rid in store:
+                    store[rid]["meta"]["duplicates"].append(source)
+                    continue
+                new = True
+                body = {"messages": rec} if isinstance(rec, list) else rec
+                store[rid] = {"id": rid, **body, "source": source, "meta": {"duplicates": [], "feedback": fb}}
+            if new:
+                src_stats.curated += 1
+            else:
+                src_stats.duplicates += 1
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = step_parser(__doc__)
     ap.add_argument("raw_dir", type=Path)
     ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--feedback", type=Path, default=None,
+                    help="data/raw/feedback/<mode>: users' ratings and corrections from `loraflow serve`")
     args = ap.parse_args(argv)
     with step_errors():
-        run(load_params(args.params, args.set), args.raw_dir, args.out_dir)
+        run(load_params(args.params, args.set), args.raw_dir, args.out_dir, args.feedback)
 
 
 if __name__ == "__main__":
