@@ -295,14 +295,15 @@ class Engine:
                 t = time.perf_counter()
                 if ad is not None:
                     if self._active != ad.name:
-                        self.peft.set_adapter(ad.name)
+                        self.peft.set_adapter(ad.name, inference_mode=True)
                         self._active = ad.name
-                    ctx: Any = contextlib.nullcontext()
-                else:
-                    ctx = self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
+                elif self.peft is not None:
+                    # peft's per-row adapter choice: cheaper than toggling every LoRA layer off and on again
+                    # (disable_adapter() costs ~70 ms here), and the active adapter stays as it was.
+                    kwargs["adapter_names"] = ["__base__"]
                 switch_ms = (time.perf_counter() - t) * 1000
                 model = self.peft if self.peft is not None else self.base
-                with ctx, torch.inference_mode():
+                with torch.inference_mode():
                     out = model.generate(**enc, **kwargs)
         new = out[0, enc["input_ids"].shape[1]:].tolist()
         eos = self.tok.eos_token_id
