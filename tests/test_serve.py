@@ -278,3 +278,31 @@ def test_feedback_past_threshold_starts_a_run_that_curates_it(env):
     assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in prefs} == {
         (correction, normalise(served["answer"])), ("Azul, a cor preferida.", "Não sei.")}
     assert httpx.get(f"{url}/health").json()["feedback"]["alpha"]["run_exit_code"] == 0
+
+
+def test_loraflow_serve_command_listens_on_loopback_and_answers(env):
+    """The real CLI in its own process, against the same registry: health, models, an answer."""
+    import os
+    import subprocess
+
+    port = free_port()
+    sets = [a for o in env["settings"].overrides for a in ("-S", o)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraflow.cli", "serve", "--port", str(port), "--poll-interval", "0",
+         "--params", str(env["root"] / "params.yaml"), "--root", str(env["root"]), *sets],
+        cwd=env["root"], env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "loraflow serve did not come up"
+            try:
+                h = httpx.get(f"{url}/health", timeout=5).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert h["base_model"] == "embedded:SmolLM2-135M-Instruct" and set(MODES) <= set(h["modes"])
+        assert chat(url, "gamma")["adapter"].endswith("_gamma_v1")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
