@@ -25,7 +25,7 @@ from steps import validate as validate_step
 
 @task(name="curate", cache_policy=NO_CACHE)
 def curate(params: Params, p: Paths) -> dict[str, Any]:
-    return curate_step.run(params, p.raw, p.curated)
+    return curate_step.run(params, p.raw, p.curated, p.feedback if p.feedback.is_dir() else None)
 
 
 @task(name="validate", cache_policy=NO_CACHE)

@@ -2,6 +2,7 @@
 
     loraflow run --mode retail_media -S train.max_steps=20   # the whole DAG through the Prefect flow
     loraflow report --mode retail_media                      # where the results are, and the headline numbers
+    loraflow serve --port 8000                                # the registry's champions as modes, on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -44,6 +45,26 @@ def _report(params_file: str, overrides: list[str], mode: str | None, root: str)
     return 0
 
 
+def _serve(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from loraflow.serve import ServeSettings, create_app
+
+    params = load_params(args.params, args.set)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: the server has no authentication", file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    settings = ServeSettings(
+        root=Path(args.root).resolve(), params_file=args.params, overrides=args.set, lru_size=args.lru_size,
+        unknown_mode=args.unknown_mode, poll_interval=args.poll_interval, max_messages=args.max_messages,
+        max_chars=args.max_chars, max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+        feedback_threshold=args.feedback_threshold, trigger_command=args.on_feedback, deployment=args.deployment)
+    uvicorn.run(create_app(params, settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="loraflow", description="LoRA adapters proven better before anyone serves them.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -55,8 +76,32 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--root", default=".", help="project folder holding data/ and model_cards/")
         sp.add_argument("-S", "--set", action="append", default=[], metavar="section.key=value",
                         help="override a param, DVC style (repeatable)")
+    sp = sub.add_parser("serve", help="serve the registry's champion adapters as modes (FastAPI, OpenAI-compatible)")
+    sp.add_argument("--params", default="params.yaml")
+    sp.add_argument("--root", default=".", help="project folder: feedback goes to <root>/data/raw/feedback/<mode>/")
+    sp.add_argument("-S", "--set", action="append", default=[], metavar="section.key=value",
+                    help="override a param, DVC style (repeatable); the server reads `base` only")
+    sp.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--lru-size", type=int, default=4, help="adapters kept loaded (default 4)")
+    sp.add_argument("--unknown-mode", choices=("base", "404"), default="base",
+                    help="an unknown mode is answered by the base model (default) or refused with 404")
+    sp.add_argument("--poll-interval", type=float, default=30.0,
+                    help="seconds between registry polls for moved champions; 0 = only POST /adapters/reload")
+    sp.add_argument("--max-messages", type=int, default=64)
+    sp.add_argument("--max-chars", type=int, default=32_000, help="limit on all message contents of a request")
+    sp.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    sp.add_argument("--default-max-tokens", type=int, default=256)
+    sp.add_argument("--feedback-threshold", type=int, default=50,
+                    help="new feedback events for a mode that start a pipeline run for it (0 = never)")
+    sp.add_argument("--on-feedback", default=None, metavar="COMMAND",
+                    help="command run instead of the pipeline when the threshold passes ({mode} is substituted)")
+    sp.add_argument("--deployment", default="loraflow/loraflow",
+                    help="Prefect deployment run when PREFECT_API_URL is set")
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "serve":
+            return _serve(args)
         if args.cmd == "run":
             params = load_params(args.params, args.set)  # fail on bad params before starting Prefect
             from flows.pipeline import pipeline

@@ -281,6 +281,10 @@ class Paths:
         return self.root / "data" / "raw" / self.mode
 
     @property
+    def feedback(self) -> Path:
+        return self.root / "data" / "raw" / "feedback" / self.mode
+
+    @property
     def curated(self) -> Path:
         return self.root / "data" / "curated" / self.mode
 

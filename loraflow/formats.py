@@ -394,6 +394,8 @@ def _sections(blocks: list[tuple[Any, int, str, list[str]]], stem: str) -> Itera
 
 def detect(rec: dict) -> str:
     """The record format a JSON object is in, decided by its keys (first rule that applies)."""
+    if "event_id" in rec and "messages" in rec:  # an event `loraflow serve` appended (loraflow/feedback.py)
+        return "feedback"
     if "messages" in rec:
         return "openai"
     if "chosen" in rec and "rejected" in rec:
@@ -642,6 +644,8 @@ def _first(rec: dict, keys: tuple[str, ...], what: str) -> tuple[str, Any]:
 
 def _feedback(rec: dict, opts: Options) -> Converted:
     """High ratings become SFT records; a correction becomes an SFT record and a pair (correction > answer)."""
+    if "event_id" in rec:
+        return _serve_event(rec, opts)
     pk, p = _first(rec, ("prompt", "question", "messages", "input"), "prompt")
     ak, a = _first(rec, ("answer", "response", "completion", "output"), "answer")
     prompt = _as_messages(p, pk, opts, "user")
@@ -657,6 +661,17 @@ def _feedback(rec: dict, opts: Options) -> Converted:
         return Converted([prompt + answer])
     raise Reject("low_rating", f"rating {rec.get('rating')!r} is below curate.feedback_min_rating="
                  f"{opts.feedback_min_rating} and there is no correction: nothing to learn from it")
+
+
+def _serve_event(rec: dict, opts: Options) -> Converted:
+    """Feedback as `loraflow serve` records it; loraflow/feedback.py owns that format and its rules."""
+    from loraflow.feedback import sft_and_pref
+
+    try:
+        sft, pair = sft_and_pref(rec, opts.feedback_min_rating)
+    except ValueError as e:
+        raise Reject("low_rating" if "nothing to learn" in str(e) else "malformed", str(e)) from None
+    return Converted([sft] if sft else [], [Pref(pair["prompt"], pair["chosen"], pair["rejected"])] if pair else [])
 
 
 def _from_csv(row: Row, opts: Options) -> Converted:

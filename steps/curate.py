@@ -13,6 +13,7 @@ near twin in train.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import hashlib
@@ -282,15 +283,18 @@ def _options(spec: SourceSpec | None, params: Params) -> Options:
 
 # ------------------------------------------------------------------------------------------------- phases
 
-def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str, SourceStats]) -> list[Raw]:
+def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str, SourceStats],
+              label: str | None = None, force: str | None = None) -> list[Raw]:
     """Read, convert, normalise, scrub and check every record of every file."""
     kinds = [k for k in pii.KINDS if getattr(params.curate.pii, k)]
     raws: list[Raw] = []
     for path in files:
         # "<mode>/<file>": stable whatever the working directory, so re-runs are byte-identical.
-        rel = (Path(raw_dir.name) / path.relative_to(raw_dir)).as_posix()
+        rel = (Path(label or raw_dir.name) / path.relative_to(raw_dir)).as_posix()
         st = stats[rel]
         opts = _options(spec_for(path.relative_to(raw_dir).as_posix(), params.curate.sources), params)
+        if force:
+            opts = dataclasses.replace(opts, format=force)
         try:
             for idx, rec in read(path, opts):
                 raw = Raw(rel, f"{rel}#{idx}", rec)
@@ -419,37 +423,51 @@ def _tally(raws: list[Raw], stats: dict[str, SourceStats]) -> list[dict]:
     return quarantine
 
 
-def _sft_record(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
+def _meta(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
     meta = {"format": it.raw.format, **dups.get(id(it), {"duplicates": [], "near_duplicates": []})}
+    rec = it.raw.record
+    if isinstance(rec, dict) and "event_id" in rec:  # served-answer feedback: keep what it was about
+        meta["feedback"] = {k: rec.get(k) for k in ("response_id", "rating", "adapter_version", "timestamp")}
+    return meta
+
+
+def _sft_record(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
+    meta = _meta(it, dups)
     if it.truncated:
         meta["truncated"] = True
     return {"id": it.id, "messages": it.messages, "source": it.raw.source, "meta": meta}
 
 
 def _pref_record(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
-    meta = {"format": it.raw.format, **dups.get(id(it), {"duplicates": [], "near_duplicates": []})}
+    meta = _meta(it, dups)
     return {"id": it.id, "prompt": it.pref.prompt, "chosen": it.pref.chosen, "rejected": it.pref.rejected,
             "source": it.raw.source, "meta": meta}
 
 
-def run(params: Params, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Curate every file under `raw_dir` into `out_dir`.
+def run(params: Params, raw_dir: Path, out_dir: Path, feedback_dir: Path | None = None) -> dict[str, Any]:
+    """Curate every file under `raw_dir` (and users' feedback on served answers, if given) into `out_dir`.
 
     Args:
         params: the validated params (reads `base` and `curate`).
         raw_dir: folder of raw files in any supported format (see loraflow/formats.py and curate.sources).
         out_dir: gets train.jsonl, eval.jsonl, prefs.jsonl, quarantine.jsonl and stats.json, written whole.
+        feedback_dir: data/raw/feedback/<mode>/ as `loraflow serve` appends it (format: loraflow/feedback.py);
+            its events become SFT records and preference pairs like any other source.
 
     Returns:
         The stats dict also written to stats.json.
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     files = sorted(p for p in raw_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
+    fb_dir = Path(feedback_dir) if feedback_dir is not None else None
+    fb_files = sorted(p for p in fb_dir.rglob("*.jsonl") if not p.name.startswith(".")) if fb_dir and fb_dir.is_dir() else []
+    if not files and not fb_files:
         raise CurationError(f"{raw_dir}: no raw files found")
 
     stats: dict[str, SourceStats] = defaultdict(SourceStats)
     raws = _read_all(params, raw_dir, files, stats)
+    if fb_files:
+        raws += _read_all(params, fb_dir, fb_files, stats, label=f"feedback/{fb_dir.name}", force="feedback")
     lengths = Lengths(params)
     _apply_length_policy(params, raws, lengths)
     kept, prefs = _dedup(params, raws)
@@ -531,9 +549,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = step_parser(__doc__)
     ap.add_argument("raw_dir", type=Path)
     ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--feedback", type=Path, default=None,
+                    help="data/raw/feedback/<mode>: users' ratings and corrections from `loraflow serve`")
     args = ap.parse_args(argv)
     with step_errors():
-        stats = run(load_params(args.params, args.set), args.raw_dir, args.out_dir)
+        stats = run(load_params(args.params, args.set), args.raw_dir, args.out_dir, args.feedback)
         print(summary_table(stats))
 
 

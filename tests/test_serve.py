@@ -1,0 +1,308 @@
+"""`loraflow serve` against a real MLflow registry (SQLite, in tmp) holding small LoRA adapters with random
+weights (so each mode answers differently), through the real `openai` client and plain HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loraflow.config import load_params
+from steps.curate import normalise
+from tests.conftest import MODE, ROOT
+
+pytestmark = pytest.mark.slow
+MODES = ("alpha", "beta", "gamma")
+Q = [{"role": "user", "content": "Name a colour."}]
+Q2 = [{"role": "user", "content": "Tell me a fun fact."}]
+
+
+def make_adapter(params, out: Path, seed: int) -> Path:
+    """A real peft LoRA adapter with random B matrices, so that each seed answers differently."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from loraflow.models import load_causal_lm, load_tokenizer, resolve
+
+    path = resolve(params.base.model, params.base.model_cache)
+    torch.manual_seed(seed)
+    model = get_peft_model(load_causal_lm(path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # B starts at zero (a no-op adapter); this large a perturbation changes short answers
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(out)
+    load_tokenizer(path).save_pretrained(out)
+    return out
+
+
+def register(params, mode: str, adapter: Path, champion: bool = True) -> str:
+    """Log the adapter as promote does (pyfunc with the adapter folder as artifact) and move `champion`."""
+    import mlflow
+
+    from loraflow import tracking
+    from loraflow.config import registered_model_name
+    from loraflow.pyfunc import AdapterModel
+
+    exp = tracking.setup(params, mode)
+    with mlflow.start_run(experiment_id=exp):
+        info = mlflow.pyfunc.log_model(name="model", python_model=AdapterModel(), artifacts={"adapter": str(adapter)},
+                                       model_config={"base_model": params.base.model}, pip_requirements=["loraflow"],
+                                       registered_model_name=registered_model_name(mode))
+    version = str(info.registered_model_version)
+    if champion:
+        mlflow.MlflowClient().set_registered_model_alias(registered_model_name(mode), "champion", version)
+    return version
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A project root with an SQLite registry of three modes, and the server running on a loopback port."""
+    import uvicorn
+
+    from loraflow.serve import ServeSettings, create_app
+
+    root = tmp_path_factory.mktemp("serve")
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    shutil.copytree(ROOT / "data" / "raw" / MODE, root / "data" / "raw" / "alpha")  # what the triggered curate reads
+    overrides = [f"base.tracking_uri=sqlite:///{root / 'mlflow.db'}"]
+    params = load_params(root / "params.yaml", overrides)
+    adapters = {m: make_adapter(params, root / "adapters" / m, seed=i) for i, m in enumerate(MODES)}
+    for m in MODES:
+        register(params, m, adapters[m])
+    # The threshold run only re-curates (the whole pipeline is tested in test_pipeline.py); `env` makes the
+    # child import this checkout.
+    curate = (f"env PYTHONPATH={ROOT} {sys.executable} -m steps.curate --params params.yaml "
+              + " ".join(f"-S {o}" for o in overrides) + " data/raw/{mode} data/curated/{mode} --feedback data/raw/feedback/{mode}")
+    settings = ServeSettings(root=root, overrides=overrides, lru_size=3, poll_interval=0.5, feedback_threshold=3,
+                             trigger_command=curate, max_tokens_limit=64, max_chars=2000)
+    app = create_app(params, settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not server.started and time.time() < deadline:
+            time.sleep(0.1)
+        assert server.started, "server did not start"
+        yield {"root": root, "params": params, "url": f"http://127.0.0.1:{port}", "app": app, "settings": settings}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        for run in app.state.feedback.runs.values():
+            proc = run.get("process")
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+def chat(url: str, mode: str | None, messages=Q, max_tokens: int = 6, **kw) -> dict:
+    r = httpx.post(f"{url}/chat", json={"mode": mode, "messages": messages, "max_tokens": max_tokens, **kw}, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_openai_client_chat_stream_and_models(env):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{env['url']}/v1", api_key="unused")
+    ids = {m.id for m in client.models.list().data}
+    assert ids == {"base", *MODES}
+
+    r = client.chat.completions.create(model="alpha", messages=Q, max_tokens=8, temperature=0)
+    answer = r.choices[0].message.content
+    assert answer and r.usage.completion_tokens <= 8
+    extra = r.model_extra["loraflow"]
+    assert extra["mode"] == "alpha" and extra["version"] == "1" and extra["fallback"] is None
+    assert r.system_fingerprint == extra["adapter"] and extra["adapter"].endswith("_alpha_v1")
+
+    chunks = list(client.chat.completions.create(model="alpha", messages=Q, max_tokens=8, temperature=0, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert len(chunks) > 3 and streamed == answer
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    base = client.chat.completions.create(model="base", messages=Q, max_tokens=8, temperature=0)
+    assert base.system_fingerprint == "base" and base.choices[0].message.content != answer
+    assert chat(env["url"], None, max_tokens=8)["answer"] == base.choices[0].message.content
+
+
+def test_unknown_mode_answers_from_base_and_says_so(env):
+    base = chat(env["url"], None)
+    r = chat(env["url"], "no_such_mode")
+    assert r["adapter"] == "base" and r["answer"] == base["answer"]
+    assert "unknown mode 'no_such_mode'" in r["fallback"]
+
+
+def test_unknown_mode_can_be_a_404(env):
+    from fastapi.testclient import TestClient
+
+    from loraflow.serve import create_app
+
+    settings = type(env["settings"])(**{**vars(env["settings"]), "unknown_mode": "404", "poll_interval": 0})
+    app = create_app(env["params"], settings, engine=env["app"].state.engine)
+    with TestClient(app) as c:
+        r = c.post("/chat", json={"mode": "no_such_mode", "messages": Q, "max_tokens": 2})
+        assert r.status_code == 404 and "no_such_mode" in r.json()["detail"]
+
+
+def test_bad_and_oversized_requests_are_refused_naming_the_field(env):
+    url = env["url"]
+    r = httpx.post(f"{url}/chat", json={"mode": "alpha"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "messages"]
+    r = httpx.post(f"{url}/chat", json={"messages": [{"role": "wizard", "content": "x"}]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][:4] == ["body", "messages", 0, "role"]
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "alpha", "messages": Q, "max_tokens": 65})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_tokens"]
+    r = httpx.post(f"{url}/chat", json={"messages": [{"role": "user", "content": "x" * 2001}]})
+    assert r.status_code == 413 and "2001 characters" in r.json()["detail"][0]["msg"]
+    r = httpx.post(f"{url}/feedback", json={"response_id": "x", "rating": 9})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "rating"]
+    r = httpx.post(f"{url}/feedback", json={"response_id": "x", "mode": "../etc", "rating": 3})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mode"]
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_failing_adapter_load_falls_back_to_base_and_shows_in_health(env, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": "not a number"}))
+    version = register(env["params"], "broken", broken)
+    httpx.post(f"{env['url']}/adapters/reload", timeout=60)
+    r = chat(env["url"], "broken")
+    assert r["adapter"] == "base" and "failed to load" in r["fallback"]
+    h = httpx.get(f"{env['url']}/health").json()
+    assert h["status"] == "degraded" and h["failed_loads"]["broken"]["version"] == version
+    assert chat(env["url"], "alpha")["version"] == "1"  # still serving
+
+
+def test_champion_moves_while_serving_in_flight_request_finishes_on_old(env, tmp_path):
+    from openai import OpenAI
+
+    params, url = env["params"], env["url"]
+    v1 = register(params, "delta", make_adapter(params, tmp_path / "d1", seed=11))
+    httpx.post(f"{url}/adapters/reload", timeout=60)
+    long_v1 = chat(url, "delta", max_tokens=40)
+    assert long_v1["version"] == v1
+
+    # A long streamed answer on v1 is in flight while the champion moves to v2.
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    stream = client.chat.completions.create(model="delta", messages=Q, max_tokens=40, temperature=0, stream=True)
+    first = next(iter(stream))
+    v2 = register(params, "delta", make_adapter(params, tmp_path / "d2", seed=12))
+    deadline = time.time() + 60  # the poller (every 0.5 s) notices without being asked
+    while httpx.get(f"{url}/health").json()["modes"]["delta"]["version"] != v2:
+        assert time.time() < deadline, "the server did not see the new champion"
+        time.sleep(0.2)
+    rest = list(stream)
+    text = (first.choices[0].delta.content or "") + "".join(c.choices[0].delta.content or "" for c in rest)
+    assert rest[-1].model_extra["loraflow"]["version"] == v1 and text == long_v1["answer"]
+
+    after = chat(url, "delta", max_tokens=40)
+    assert after["version"] == v2 and after["adapter"].endswith(f"_delta_v{v2}") and after["answer"] != long_v1["answer"]
+    names = [a["name"] for a in httpx.get(f"{url}/health").json()["loaded_adapters"]]
+    assert long_v1["adapter"] not in names  # the old one was unloaded once its request finished
+
+
+def test_50_concurrent_requests_across_three_modes(env):
+    url = env["url"]
+    prompts = (Q, Q2)
+    single = {(m, i): chat(url, m, prompts[i])["answer"] for m in MODES for i in range(2)}
+    assert len({single[(m, 0)] for m in MODES}) == 3  # the modes really differ
+
+    def one(k: int) -> tuple[int, dict]:
+        m, i = MODES[k % 3], k % 2
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=600,
+                       json={"model": m, "messages": prompts[i], "max_tokens": 6, "temperature": 0})
+        return k, {"status": r.status_code, **(r.json() if r.status_code == 200 else {"text": r.text})}
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(one, range(50)))
+    errors = [r for _, r in results if r["status"] != 200]
+    assert not errors, errors[:3]
+    for k, r in results:
+        m, i = MODES[k % 3], k % 2
+        assert r["loraflow"]["mode"] == m and r["loraflow"]["adapter"].split("_", 1)[1].startswith(f"{m}_v")
+        assert r["choices"][0]["message"]["content"] == single[(m, i)], (k, m)
+
+
+def test_merged_mode_answers_like_the_adapter(env):
+    before = chat(env["url"], "beta", max_tokens=8)
+    r = httpx.post(f"{env['url']}/adapters/beta/merge", timeout=120)
+    assert r.status_code == 200 and r.json()["merged"] is True
+    after = chat(env["url"], "beta", max_tokens=8)
+    assert after["answer"] == before["answer"] and after["switch_ms"] == 0.0
+    assert httpx.post(f"{env['url']}/adapters/no_such_mode/merge").status_code == 404
+
+
+def test_feedback_past_threshold_starts_a_run_that_curates_it(env):
+    url, root = env["url"], env["root"]
+    served = chat(url, "alpha", max_tokens=6)
+    correction = "Paris é a capital da França, e esta é a correção do usuário."
+    posts = [
+        {"response_id": served["id"], "rating": 5},
+        {"response_id": served["id"], "rating": 2, "correction": correction},
+        {"mode": "alpha", "messages": Q2, "preferred": "Azul, a cor preferida.", "rejected": "Não sei."},
+    ]
+    outs = []
+    for body in posts:
+        r = httpx.post(f"{url}/feedback", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        outs.append(r.json())
+    assert [o["run_started"] is None for o in outs] == [True, True, False]
+    lines = [json.loads(x) for x in Path(outs[0]["file"]).read_text().splitlines()]
+    assert len(lines) == 3 and lines[0]["answer"] == served["answer"] and lines[0]["adapter_version"] == "1"
+    assert lines[1]["messages"] == Q and lines[1]["correction"] == correction
+
+    proc = env["app"].state.feedback.runs["alpha"]["process"]
+    assert proc.wait(timeout=300) == 0, Path(outs[2]["run_started"]["log"]).read_text()[-3000:]
+    cur = root / "data" / "curated" / "alpha"
+    sft = [json.loads(x) for f in ("train.jsonl", "eval.jsonl") for x in (cur / f).read_text().splitlines()]
+    from_fb = [r for r in sft if r["source"].startswith("feedback/alpha/")]
+    assert {r["messages"][-1]["content"] for r in from_fb} == {normalise(served["answer"]), correction}
+    prefs = [json.loads(x) for x in (cur / "prefs.jsonl").read_text().splitlines()]
+    assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in prefs} == {
+        (correction, normalise(served["answer"])), ("Azul, a cor preferida.", "Não sei.")}
+    assert httpx.get(f"{url}/health").json()["feedback"]["alpha"]["run_exit_code"] == 0
+
+
+def test_loraflow_serve_command_listens_on_loopback_and_answers(env):
+    """The real CLI in its own process, against the same registry: health, models, an answer."""
+    import os
+    import subprocess
+
+    port = free_port()
+    sets = [a for o in env["settings"].overrides for a in ("-S", o)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraflow.cli", "serve", "--port", str(port), "--poll-interval", "0",
+         "--params", str(env["root"] / "params.yaml"), "--root", str(env["root"]), *sets],
+        cwd=env["root"], env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "loraflow serve did not come up"
+            try:
+                h = httpx.get(f"{url}/health", timeout=5).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert h["base_model"] == "embedded:SmolLM2-135M-Instruct" and set(MODES) <= set(h["modes"])
+        assert chat(url, "gamma")["adapter"].endswith("_gamma_v1")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
