@@ -47,6 +47,7 @@ def prepare(repo: Path) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copytree(ROOT / "data" / "raw", repo / "data" / "raw")
+    shutil.copytree(ROOT / "steps", repo / "steps", ignore=shutil.ignore_patterns("__pycache__"))
     for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
         sh(cmd, repo)
     t = time.perf_counter()

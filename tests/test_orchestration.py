@@ -161,11 +161,13 @@ def test_failed_validation_ends_the_flow_failed_and_runs_nothing_downstream(proj
 
 
 @pytest.mark.slow
-def test_dvc_experiment_compares_and_push_stores_data_and_adapters(project, tmp_path):
+def test_dvc_experiment_compares_and_push_stores_data_and_adapters(project, tmp_path_factory):
     params = yaml.safe_load((project / "params.yaml").read_text())
     (project / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, SHRUNK), sort_keys=False))
     shutil.copy(ROOT / ".gitignore", project / ".gitignore")
-    remote = tmp_path / "remote"
+    # the stages list steps/<name>.py as deps: a repo without them cannot reproduce
+    shutil.copytree(ROOT / "steps", project / "steps", ignore=shutil.ignore_patterns("__pycache__"))
+    remote = tmp_path_factory.mktemp("dvc-remote")
     dvc = str(BIN / "dvc")
     for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "remote", "add", "-d", "local", str(remote)],
                 [dvc, "repro", "-q"], ["git", "add", "-A"],

@@ -192,7 +192,7 @@ def test_deployments_on_a_real_server_with_workers(project, tracking, tmp_path):
                                 "--deployment", "loraflow/on-demand", *[a for o in overrides for a in ("-S", o)]],
                                cwd=project, env=env, capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-            return json.loads(r.stdout.strip().splitlines()[-1])
+            return json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
 
         recorded = Variable.get(raw_variable(MODE))["raw_hash"]
         unchanged = check()
