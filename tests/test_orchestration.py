@@ -3,6 +3,7 @@ the DVC remote; slow: a failed validation seen from the flow's state, DVC experi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -184,13 +185,10 @@ def test_dvc_experiment_compares_and_push_stores_data_and_adapters(project, tmp_
     assert f"Running stage 'train@{MODE}'" in ran and f"Running stage 'evaluate@{MODE}'" in ran
     assert f"'curate@{MODE}'" not in ran.replace(f"Stage 'curate@{MODE}' didn't change", "")
 
-    rows = {}
-    for commit in shown:
-        for exp in [commit] + [e for e in commit.get("experiments") or []]:
-            data = (exp.get("revs") or [exp])[0]["data"] if "revs" in exp else exp["data"]
-            rows[exp.get("name") or data.get("name") or data["rev"]] = data
-    r8 = rows["r8"]
-    base = next(d for n, d in rows.items() if n != "r8" and d["params"])
+    # exp show --json: the workspace, then each commit with its experiments under experiments[].revs[]
+    commit = next(c for c in shown if c["rev"] != "workspace")
+    r8 = next(r["data"] for e in commit["experiments"] for r in e["revs"] if e["name"] == "r8")
+    base = commit["data"]
     assert r8["params"]["params.yaml"]["data"]["train"]["lora_r"] == 8
     assert base["params"]["params.yaml"]["data"]["train"]["lora_r"] == 16
     metrics_file = f"data/eval/{MODE}/metrics.json"
@@ -199,9 +197,7 @@ def test_dvc_experiment_compares_and_push_stores_data_and_adapters(project, tmp_
 
     # the remote holds the curated data and the adapter (content-addressed by md5)
     st = _run([dvc, "status", "--cloud", f"data/curated/{MODE}", f"data/adapters/{MODE}"], project)
-    assert st.returncode == 0 and "up to date" in st.stdout.lower(), st.stdout + st.stderr
-    import hashlib
-
+    assert st.returncode == 0 and "in sync" in st.stdout, st.stdout + st.stderr
     for f in (project / "data" / "curated" / MODE / "train.jsonl",
               project / "data" / "adapters" / MODE / "adapter_model.safetensors"):
         md5 = hashlib.md5(f.read_bytes()).hexdigest()
