@@ -3,18 +3,36 @@
     python -m flows.pipeline --mode retail_media -S train.max_steps=5
 
 (`loraflow run` calls this flow.) Without PREFECT_API_URL, Prefect starts its ephemeral server in-process.
-A failed validation fails its task, so the flow ends Failed and nothing downstream runs.
+Deployments (nightly, on demand, training on a GPU pool): see prefect.yaml.
+
+- Caching: a step whose inputs did not change is not recomputed. Its key is the content of the files it
+  reads (the same paths dvc.yaml lists as deps), its params sections (`base` + its own), the step module's
+  source and the task's source; results persist under <root>/.prefect/results (env LORAFLOW_PREFECT_RESULTS).
+  Like `dvc repro`, the key ignores the registry: pass refresh=True to recompute everything.
+- A failed validation fails its task, so the flow ends Failed with the validation message and nothing
+  downstream runs.
+- Training runs in-process, or, when `train_deployment` (env LORAFLOW_TRAIN_DEPLOYMENT) names a deployment
+  of the `loraflow-train` flow, on that deployment's work pool (the GPU one), which must see the same
+  project folder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
+from prefect.filesystems import LocalFileSystem
+from prefect.variables import Variable
 
 from loraflow.config import Params, Paths, load_params
+from loraflow.io import read_json, sha256_file, sha256_tree
 from steps import curate as curate_step
 from steps import evaluate as evaluate_step
 from steps import model_card as model_card_step
@@ -22,54 +40,188 @@ from steps import promote as promote_step
 from steps import train as train_step
 from steps import validate as validate_step
 
+# What each step reads and writes: the same paths as its deps/outs in dvc.yaml.
+INPUTS: dict[str, Callable[[Paths], list[Path]]] = {
+    "curate": lambda p: [p.raw, p.feedback],
+    "validate": lambda p: [p.curated, p.profile],  # the profile is the drift baseline it compares against
+    "train": lambda p: [p.validation / "report.json", p.curated],
+    "evaluate": lambda p: [p.curated / "eval.jsonl", p.adapter],
+    "promote": lambda p: [p.eval / "metrics.json", p.adapter],
+    "model_card": lambda p: [p.curated / "stats.json", p.adapter / "train_info.json", p.eval / "metrics.json",
+                             p.promotion / "decision.json"],
+}
+OUTPUTS: dict[str, Callable[[Paths], list[Path]]] = {
+    "curate": lambda p: [p.curated / "stats.json"],
+    "validate": lambda p: [p.validation / "report.json"],
+    "train": lambda p: [p.adapter / "train_info.json"],
+    "evaluate": lambda p: [p.eval / "metrics.json"],
+    "promote": lambda p: [p.promotion / "decision.json"],
+    "model_card": lambda p: [p.card],
+}
+STEP_MODULES = {"curate": curate_step, "validate": validate_step, "train": train_step,
+                "evaluate": evaluate_step, "promote": promote_step, "model_card": model_card_step}
 
-@task(name="curate", cache_policy=NO_CACHE)
+
+def content_hash(path: Path) -> str:
+    if path.is_dir():
+        return sha256_tree(path)
+    return sha256_file(path) if path.exists() else "missing"
+
+
+def step_cache_key(step: str) -> Callable[[Any, dict[str, Any]], str]:
+    """Cache key of one step: its input files' content, its params sections, its module's source."""
+    source = Path(inspect.getsourcefile(STEP_MODULES[step]))
+
+    def key(_ctx: Any, inputs: dict[str, Any]) -> str:
+        params: Params = inputs["params"]
+        p: Paths = inputs["p"]
+        h = hashlib.sha256(f"{step}\0{p.root}\0{p.mode}\0{params.digest('base', step)}\0".encode())
+        h.update(sha256_file(source).encode())
+        for path in INPUTS[step](p):
+            h.update(f"{path.relative_to(p.root)}\0{content_hash(path)}\n".encode())
+        return h.hexdigest()
+
+    return key
+
+
+def _cached(step: str) -> CacheKeyFnPolicy:
+    return TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=step_cache_key(step))
+
+
+@task(name="curate", cache_policy=_cached("curate"), persist_result=True)
 def curate(params: Params, p: Paths) -> dict[str, Any]:
     return curate_step.run(params, p.raw, p.curated, p.feedback if p.feedback.is_dir() else None)
 
 
-@task(name="validate", cache_policy=NO_CACHE)
+@task(name="validate", cache_policy=_cached("validate"), persist_result=True)
 def validate(params: Params, p: Paths) -> dict[str, Any]:
     return validate_step.run(params, p.curated, p.validation, p.profile)
 
 
-@task(name="train", cache_policy=NO_CACHE)
+@task(name="train", cache_policy=_cached("train"), persist_result=True)
 def train(params: Params, p: Paths) -> dict[str, Any]:
     return train_step.run(params, p.mode, p.validation / "report.json", p.curated, p.adapter)
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", cache_policy=_cached("evaluate"), persist_result=True)
 def evaluate(params: Params, p: Paths) -> dict[str, Any]:
     return evaluate_step.run(params, p.mode, p.curated / "eval.jsonl", p.adapter, p.eval)
 
 
 # The registry may be a server across a network: the only step worth retrying.
-@task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(name="promote", cache_policy=_cached("promote"), persist_result=True, retries=2, retry_delay_seconds=5)
 def promote(params: Params, p: Paths) -> dict[str, Any]:
     return promote_step.run(params, p.mode, p.eval / "metrics.json", p.adapter, p.promotion)
 
 
-@task(name="model_card", cache_policy=NO_CACHE)
+@task(name="model_card", cache_policy=_cached("model_card"), persist_result=True)
 def model_card(params: Params, p: Paths) -> str:
     return model_card_step.run(params, p.mode, p.curated / "stats.json", p.adapter / "train_info.json",
                                p.eval / "metrics.json", p.promotion / "decision.json", p.card)
 
 
-@flow(name="loraflow", flow_run_name="{mode}")
-def pipeline(mode: str, params_file: str = "params.yaml", overrides: list[str] | None = None,
-             root: str = ".") -> dict[str, Any]:
-    """Run the whole DAG for one mode; returns the decision and the headline numbers."""
+def result_storage(p: Paths) -> LocalFileSystem:
+    """The project's own result store (cached step results), saved as a block: Prefect wants it server-side."""
+    path = os.environ.get("LORAFLOW_PREFECT_RESULTS") or str(p.root / ".prefect" / "results")
+    block = LocalFileSystem(basepath=path)
+    block.save(f"loraflow-results-{hashlib.sha256(path.encode()).hexdigest()[:12]}", overwrite=True)
+    return block
+
+
+def _step(t, params: Params, p: Paths, refresh: bool, storage: LocalFileSystem):
+    """Run one step task; a missing output forces a recompute even when the inputs match the cache."""
+    missing = any(not out.exists() for out in OUTPUTS[t.name](p))
+    return t.with_options(result_storage=storage, refresh_cache=refresh or missing)(params, p)
+
+
+def run_name() -> str:
+    """`<mode>-<params hash>`: runs with the same params share a suffix in the UI."""
+    from prefect.runtime import flow_run
+
+    a = flow_run.parameters
+    try:
+        digest = load_params(a.get("params_file", "params.yaml"), a.get("overrides")).digest()
+    except Exception:  # the flow itself reports bad params; the name must not hide that
+        digest = "bad-params"
+    return f"{a['mode']}-{digest}"
+
+
+def raw_variable(mode: str) -> str:
+    """The Prefect Variable that holds the raw-data hash of the last successful run of a mode."""
+    return f"loraflow_raw_{mode.lower().replace('-', '_')}"
+
+
+def _load(mode: str, params_file: str, overrides: list[str] | None, root: str) -> tuple[Params, Paths]:
     params = load_params(params_file, overrides)
     if mode not in params.base.modes:
         raise ValueError(f"mode {mode!r} is not in base.modes {params.base.modes} ({params_file})")
-    p = Paths(Path(root).resolve(), mode)
-    curate(params, p)
-    validate(params, p)
-    train(params, p)
-    metrics = evaluate(params, p)
-    decision = promote(params, p)
-    model_card(params, p)
+    return params, Paths(Path(root).resolve(), mode)
+
+
+@flow(name="loraflow-train", flow_run_name=run_name)
+def train_flow(mode: str, params_file: str = "params.yaml", overrides: list[str] | None = None,
+               root: str = ".", refresh: bool = False) -> dict[str, Any]:
+    """Only the training step: deployed to the GPU work pool (prefect.yaml), started by `pipeline`."""
+    params, p = _load(mode, params_file, overrides, root)
+    return _step(train, params, p, refresh, result_storage(p))
+
+
+def _train_elsewhere(deployment: str, parameters: dict[str, Any], p: Paths) -> dict[str, Any]:
+    from prefect.deployments import run_deployment
+
+    fr = run_deployment(deployment, parameters=parameters, timeout=None)
+    if not fr.state or not fr.state.is_completed():
+        state = fr.state.name if fr.state else "unknown"
+        raise RuntimeError(f"training run {fr.name} of deployment {deployment} ended {state}: "
+                           f"{fr.state.message if fr.state else ''}")
+    return read_json(p.adapter / "train_info.json")
+
+
+def _eval_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name in ("base", "champion", "candidate"):
+        s = metrics.get(name)
+        if s:
+            rows.append({"model": name, **{m: f"{s[m]['mean']:.4f} [{s[m]['ci_low']:.4f}, {s[m]['ci_high']:.4f}]"
+                                           for m in evaluate_step.METRICS}})
+    return rows
+
+
+def _decision_markdown(mode: str, decision: dict[str, Any], run: str) -> str:
+    return (f"# Promotion decision for `{mode}`: **{decision['decision']}**\n\n{decision['reason']}\n\n"
+            f"| | |\n|---|---|\n| registered model | `{decision.get('registered_model')}` |\n"
+            f"| version | {decision.get('version')} |\n| aliases after | {decision.get('aliases_after')} |\n"
+            f"| flow run | {run} |\n")
+
+
+@flow(name="loraflow", flow_run_name=run_name)
+def pipeline(mode: str, params_file: str = "params.yaml", overrides: list[str] | None = None,
+             root: str = ".", train_deployment: str | None = None, refresh: bool = False) -> dict[str, Any]:
+    """Run the whole DAG for one mode; returns the decision and the headline numbers."""
+    from prefect.runtime import flow_run
+
+    params, p = _load(mode, params_file, overrides, root)
+    raw_hash = content_hash(p.raw)  # before curating: the data this run trained on
+    storage = result_storage(p)
+    _step(curate, params, p, refresh, storage)
+    _step(validate, params, p, refresh, storage)
+    train_deployment = train_deployment or os.environ.get("LORAFLOW_TRAIN_DEPLOYMENT")
+    if train_deployment:
+        _train_elsewhere(train_deployment, {"mode": mode, "params_file": str(Path(params_file).resolve()),
+                                            "overrides": overrides, "root": str(p.root), "refresh": refresh}, p)
+    else:
+        _step(train, params, p, refresh, storage)
+    metrics = _step(evaluate, params, p, refresh, storage)
+    decision = _step(promote, params, p, refresh, storage)
+    _step(model_card, params, p, refresh, storage)
+
+    slug = mode.lower().replace("_", "-")
     m = params.promote.primary_metric
+    create_table_artifact(key=f"eval-{slug}", table=_eval_table(metrics),
+                          description=f"Held-out scores for {mode} (mean [CI]); {metrics['eval_set']['size']} conversations")
+    create_markdown_artifact(key=f"promotion-{slug}", markdown=_decision_markdown(mode, decision, flow_run.name),
+                             description=f"Promotion decision for {mode}")
+    Variable.set(raw_variable(mode), {"raw_hash": raw_hash, "flow_run": flow_run.name}, overwrite=True)
     return {"mode": mode, "decision": decision["decision"], "version": decision["version"],
             f"base_{m}": metrics["base"][m]["mean"], f"candidate_{m}": metrics["candidate"][m]["mean"]}
 
@@ -81,5 +233,6 @@ if __name__ == "__main__":
     ap.add_argument("--mode", required=True)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("-S", "--set", action="append", default=[])
+    ap.add_argument("--refresh", action="store_true", help="recompute every step, cached or not")
     a = ap.parse_args()
-    print(pipeline(a.mode, a.params, a.set))
+    print(pipeline(a.mode, a.params, a.set, refresh=a.refresh))

@@ -45,6 +45,9 @@ def project(tmp_path: Path) -> Path:
     """A copy of the project's pipeline files and sample raw data, with its own MLflow store."""
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(ROOT / name, tmp_path / name)
+    # dvc.yaml's stages depend on their code (steps/*.py, loraflow/*.py), relative to the project.
+    for name in ("steps", "loraflow"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "raw", tmp_path / "data" / "raw")
     return tmp_path
 
