@@ -44,6 +44,7 @@ def project(tmp_path: Path) -> Path:
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "data" / "raw", tmp_path / "data" / "raw")
+    shutil.copytree(ROOT / "data" / "guard", tmp_path / "data" / "guard")  # evaluate.guard_sets
     return tmp_path
 
 
