@@ -167,6 +167,12 @@ class EvaluateParams(_Section):
     bertscore_num_layers: int = Field(6, ge=1)
     bootstrap_samples: int = Field(1000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1)
+    # Forgetting guard: chat JSONL files (other modes' eval sets, general Q&A) the candidate must not get worse
+    # on; paths relative to the project root, each also listed under the evaluate stage's deps in dvc.yaml.
+    guard_sets: list[str] = Field(default_factory=list)
+    report_metric: Literal["rouge1", "rouge2", "rougeL", "bertscore"] = "rougeL"  # orders regressions, drawn in the chart
+    worst_n: int = Field(5, ge=0)  # the candidate's worst per-example regressions listed in metrics.json and the report
+    judge_model: str | None = None  # pairwise LLM-as-judge (a model spec); off by default: a judge must be strong to help
 
 
 class PromoteParams(_Section):

@@ -19,3 +19,7 @@ class CurationError(LoraflowError):
 
 class ValidationFailed(LoraflowError):
     """The curated data broke an expectation of the validation gate."""
+
+
+class EvalSetError(LoraflowError, ValueError):
+    """An eval or guard set that cannot be scored."""

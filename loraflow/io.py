@@ -42,12 +42,17 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 def write_text(path: Path, text: str) -> None:
     """Write a file through a temporary sibling and an atomic rename (fsynced)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file through a temporary sibling and an atomic rename (fsynced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are ordinary files

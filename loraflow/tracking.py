@@ -8,10 +8,15 @@ from pathlib import Path
 
 from loraflow.config import Params, registered_model_name
 
+# mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: without remembering what setup() exported, the first
+# setup in a process would pin every later one (another params file, the next test) to its store.
+_exported: str | None = None
+
 
 def tracking_uri(params: Params) -> str:
     """MLFLOW_TRACKING_URI wins over params; a relative sqlite path is made absolute (against the cwd)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.base.tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = env if env and env != _exported else params.base.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         uri = prefix + str(Path(uri[len(prefix):]).resolve())
@@ -22,9 +27,11 @@ def setup(params: Params, mode: str) -> str:
     """Point mlflow at the store and return the id of the mode's experiment (created if missing)."""
     import mlflow
 
+    global _exported
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    _exported = os.environ.get("MLFLOW_TRACKING_URI")
     name = registered_model_name(mode)
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:

@@ -49,6 +49,7 @@ def project(tmp_path: Path) -> Path:
     for name in ("steps", "loraflow"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "raw", tmp_path / "data" / "raw")
+    shutil.copytree(ROOT / "data" / "guard", tmp_path / "data" / "guard")  # evaluate.guard_sets
     return tmp_path
 
 
