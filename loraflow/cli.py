@@ -2,6 +2,8 @@
 
     loraflow run --mode retail_media -S train.max_steps=20   # the whole DAG through the Prefect flow
     loraflow report --mode retail_media                      # where the results are, and the headline numbers
+    loraflow promote retail_media 3                          # a person's decision: v3 becomes champion
+    loraflow rollback retail_media                           # champion goes back to the previous champion
 """
 
 from __future__ import annotations
@@ -44,6 +46,24 @@ def _report(params_file: str, overrides: list[str], mode: str | None, root: str)
     return 0
 
 
+def _registry_cmd(args) -> int:
+    import mlflow
+
+    from loraflow import registry, tracking
+
+    params = load_params(args.params, args.set)
+    tracking.setup(params, args.mode)
+    client = mlflow.MlflowClient()
+    name = registered_model_name(args.mode)
+    if args.cmd == "promote":
+        after = registry.promote_version(client, name, args.version)
+        print(f"{name}: champion is now v{after['champion']} (aliases {after})")
+    else:
+        r = registry.rollback(client, name)
+        print(f"{name}: champion rolled back from v{r['from']} to v{r['to']} (aliases {r['aliases_after']})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="loraflow", description="LoRA adapters proven better before anyone serves them.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -55,8 +75,19 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--root", default=".", help="project folder holding data/ and model_cards/")
         sp.add_argument("-S", "--set", action="append", default=[], metavar="section.key=value",
                         help="override a param, DVC style (repeatable)")
+    pp = sub.add_parser("promote", help="a person's decision: make VERSION the champion of loraflow-MODE")
+    pp.add_argument("mode")
+    pp.add_argument("version")
+    rp = sub.add_parser("rollback", help="point champion back at the previous champion of loraflow-MODE")
+    rp.add_argument("mode")
+    for sp in (pp, rp):
+        sp.add_argument("--params", default="params.yaml")
+        sp.add_argument("-S", "--set", action="append", default=[], metavar="section.key=value",
+                        help="override a param, e.g. base.tracking_uri=http://127.0.0.1:5000")
     args = ap.parse_args(argv)
     try:
+        if args.cmd in ("promote", "rollback"):
+            return _registry_cmd(args)
         if args.cmd == "run":
             params = load_params(args.params, args.set)  # fail on bad params before starting Prefect
             from flows.pipeline import pipeline
