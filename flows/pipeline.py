@@ -41,14 +41,15 @@ from steps import train as train_step
 from steps import validate as validate_step
 
 # What each step reads and writes: the same paths as its deps/outs in dvc.yaml.
-INPUTS: dict[str, Callable[[Paths], list[Path]]] = {
-    "curate": lambda p: [p.raw, p.feedback],
-    "validate": lambda p: [p.curated, p.profile],  # the profile is the drift baseline it compares against
-    "train": lambda p: [p.validation / "report.json", p.curated],
-    "evaluate": lambda p: [p.curated / "eval.jsonl", p.adapter],
-    "promote": lambda p: [p.eval / "metrics.json", p.adapter],
-    "model_card": lambda p: [p.curated / "stats.json", p.adapter / "train_info.json", p.eval / "metrics.json",
-                             p.promotion / "decision.json"],
+INPUTS: dict[str, Callable[[Paths, Params], list[Path]]] = {
+    "curate": lambda p, _: [p.raw, p.feedback],
+    "validate": lambda p, _: [p.curated, p.profile],  # the profile is the drift baseline it compares against
+    "train": lambda p, _: [p.validation / "report.json", p.curated],
+    "evaluate": lambda p, params: [p.curated / "eval.jsonl", p.adapter,
+                                   *(p.root / g for g in params.evaluate.guard_sets)],
+    "promote": lambda p, _: [p.eval / "metrics.json", p.adapter],
+    "model_card": lambda p, _: [p.curated / "stats.json", p.adapter / "train_info.json", p.eval / "metrics.json",
+                                p.promotion / "decision.json"],
 }
 OUTPUTS: dict[str, Callable[[Paths], list[Path]]] = {
     "curate": lambda p: [p.curated / "stats.json"],
@@ -77,7 +78,7 @@ def step_cache_key(step: str) -> Callable[[Any, dict[str, Any]], str]:
         p: Paths = inputs["p"]
         h = hashlib.sha256(f"{step}\0{p.root}\0{p.mode}\0{params.digest('base', step)}\0".encode())
         h.update(sha256_file(source).encode())
-        for path in INPUTS[step](p):
+        for path in INPUTS[step](p, params):
             h.update(f"{path.relative_to(p.root)}\0{content_hash(path)}\n".encode())
         return h.hexdigest()
 

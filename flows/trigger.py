@@ -24,7 +24,7 @@ def local_command(mode: str, params_file: str, overrides: list[str], command: st
 
 
 def trigger_pipeline(mode: str, root: Path, params_file: str = "params.yaml", overrides: list[str] | None = None,
-                     command: str | None = None, deployment: str = "loraflow/loraflow") -> dict[str, Any]:
+                     command: str | None = None, deployment: str = "loraflow/on-demand") -> dict[str, Any]:
     """Start a run; returns how it was started ("prefect" with the flow run id, or "local" with the process)."""
     overrides = overrides or []
     if command is None and os.environ.get("PREFECT_API_URL"):

@@ -3,6 +3,8 @@
     loraflow run --mode retail_media -S train.max_steps=20   # the whole DAG through the Prefect flow
     loraflow report --mode retail_media                      # where the results are, and the headline numbers
     loraflow serve --port 8000                                # the registry's champions as modes, on 127.0.0.1
+    loraflow promote retail_media 3                          # a person's decision: v3 becomes champion
+    loraflow rollback retail_media                           # champion goes back to the previous champion
 """
 
 from __future__ import annotations
@@ -62,6 +64,23 @@ def _serve(args) -> int:
         max_chars=args.max_chars, max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
         feedback_threshold=args.feedback_threshold, trigger_command=args.on_feedback, deployment=args.deployment)
     uvicorn.run(create_app(params, settings), host=args.host, port=args.port, log_level="info")
+
+
+def _registry_cmd(args) -> int:
+    import mlflow
+
+    from loraflow import registry, tracking
+
+    params = load_params(args.params, args.set)
+    tracking.setup(params, args.mode)
+    client = mlflow.MlflowClient()
+    name = registered_model_name(args.mode)
+    if args.cmd == "promote":
+        after = registry.promote_version(client, name, args.version)
+        print(f"{name}: champion is now v{after['champion']} (aliases {after})")
+    else:
+        r = registry.rollback(client, name)
+        print(f"{name}: champion rolled back from v{r['from']} to v{r['to']} (aliases {r['aliases_after']})")
     return 0
 
 
@@ -96,12 +115,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="new feedback events for a mode that start a pipeline run for it (0 = never)")
     sp.add_argument("--on-feedback", default=None, metavar="COMMAND",
                     help="command run instead of the pipeline when the threshold passes ({mode} is substituted)")
-    sp.add_argument("--deployment", default="loraflow/loraflow",
+    sp.add_argument("--deployment", default="loraflow/on-demand",
                     help="Prefect deployment run when PREFECT_API_URL is set")
+    pp = sub.add_parser("promote", help="a person's decision: make VERSION the champion of loraflow-MODE")
+    pp.add_argument("mode")
+    pp.add_argument("version")
+    rp = sub.add_parser("rollback", help="point champion back at the previous champion of loraflow-MODE")
+    rp.add_argument("mode")
+    for sp in (pp, rp):
+        sp.add_argument("--params", default="params.yaml")
+        sp.add_argument("-S", "--set", action="append", default=[], metavar="section.key=value",
+                        help="override a param, e.g. base.tracking_uri=http://127.0.0.1:5000")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "serve":
             return _serve(args)
+        if args.cmd in ("promote", "rollback"):
+            return _registry_cmd(args)
         if args.cmd == "run":
             params = load_params(args.params, args.set)  # fail on bad params before starting Prefect
             from flows.pipeline import pipeline

@@ -180,6 +180,18 @@ class PromoteParams(_Section):
     primary_metric: Literal["rouge1", "rouge2", "rougeL", "bertscore"] = "rougeL"
     min_delta: float = 0.0  # candidate must beat the reference mean by more than this
     require_ci_above_zero: bool = False  # also demand the CI of (candidate - reference) to exclude 0
+    # metric -> tolerance: the candidate's mean may not fall more than this below the reference's
+    guards: dict[Literal["rouge1", "rouge2", "rougeL", "bertscore"], float] = Field(default_factory=dict)
+    # metrics.json `forgetting`: on each other eval set the primary metric may not fall more than this; None = off
+    forgetting_tolerance: float | None = Field(0.02, ge=0)
+
+    @field_validator("guards")
+    @classmethod
+    def _tolerances(cls, v: dict[str, float]) -> dict[str, float]:
+        for m, tol in v.items():
+            if tol < 0:
+                raise ValueError(f"guards.{m}: tolerance {tol} must be >= 0 (how far the metric may drop)")
+        return v
 
 
 class ModelCardParams(_Section):

@@ -1,8 +1,9 @@
 """The MLflow pyfunc flavour of a registered adapter: `mlflow.pyfunc.load_model("models:/loraflow-<mode>@champion")`
 loads the base model named in the model config plus the adapter stored with the version, and generates text.
 
-predict() takes a list of prompts (strings or chat message lists), or a DataFrame with a `prompt`
-or `messages` column, and returns the answers as a list of strings.
+predict() takes a list of prompt strings (the signature's input) and returns the answers as a list of strings;
+`params={"max_new_tokens": N}` is honoured (the signature's params schema). Called without MLflow's schema
+enforcement (`unwrap_python_model()`), it also takes chat message lists or a DataFrame with a `messages` column.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow.pyfunc
+
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 class AdapterModel(mlflow.pyfunc.PythonModel):
@@ -20,7 +23,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
 
         cfg = context.model_config or {}
         adapter = context.artifacts["adapter"]
-        self.max_new_tokens = int(cfg.get("max_new_tokens", 128))
+        self.max_new_tokens = int(cfg.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self.tok = load_tokenizer(adapter)
         base = load_causal_lm(resolve(cfg["base_model"], cfg.get("model_cache", "~/.cache/loraflow")))
         self.model = PeftModel.from_pretrained(base, adapter).eval()
@@ -29,7 +32,9 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         from steps.evaluate import generate
 
         if hasattr(model_input, "columns"):  # a DataFrame
-            col = "messages" if "messages" in model_input.columns else "prompt"
+            # The signature's unnamed string column arrives as column 0.
+            cols = list(model_input.columns)
+            col = next((c for c in ("messages", "prompt") if c in cols), cols[0])
             items = list(model_input[col])
         else:
             items = list(model_input) if isinstance(model_input, list | tuple) else [model_input]

@@ -58,7 +58,7 @@ class ServeSettings:
     default_max_tokens: int = 256
     feedback_threshold: int = 50  # new feedback events for a mode that start a pipeline run; 0 = never
     trigger_command: str | None = None  # e.g. "python -m steps.curate ... {mode}"; None = Prefect or `loraflow run`
-    deployment: str = "loraflow/loraflow"
+    deployment: str = "loraflow/on-demand"
     response_memory: int = 10_000  # served answers remembered so feedback can name just the response id
 
 

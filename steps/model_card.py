@@ -6,7 +6,9 @@
 
 YAML front matter (base_model, library_name: peft, license, language, tags, model-index with the
 evaluation results) that huggingface_hub parses back, then sections built from stats.json,
-train_info.json, metrics.json and decision.json.
+train_info.json, metrics.json and decision.json. When the decision registered a version, the card is also
+attached to it: whole as the artifact model_card/README.md of the version's run, its body as the version's
+description (what the MLflow UI shows on the version page).
 """
 
 from __future__ import annotations
@@ -129,11 +131,37 @@ def run(params: Params, mode: str, stats_file: Path, train_info_file: Path, metr
     Returns:
         The card's text.
     """
-    text = render(params, mode, read_json(stats_file), read_json(train_info_file), read_json(metrics_file),
-                  read_json(decision_file))
+    decision = read_json(decision_file)
+    text = render(params, mode, read_json(stats_file), read_json(train_info_file), read_json(metrics_file), decision)
     write_text(Path(card_file), text)
     log.info("model_card: wrote %s", card_file)
+    if decision.get("version"):
+        attach(params, mode, str(decision["version"]), text)
     return text
+
+
+CARD_ARTIFACT = "model_card/README.md"
+MAX_DESCRIPTION = 5000  # the registry's column size for a version's description
+
+
+def attach(params: Params, mode: str, version: str, text: str) -> None:
+    """Put the card where people look: the version's description (body, Markdown) and its run's artifacts (whole)."""
+    import mlflow
+    from huggingface_hub import ModelCard
+
+    from loraflow import tracking
+
+    tracking.setup(params, mode)
+    client = mlflow.MlflowClient()
+    name = registered_model_name(mode)
+    mv = client.get_model_version(name, version)
+    if mv.run_id:
+        client.log_text(mv.run_id, text, CARD_ARTIFACT)
+    body = ModelCard(text).text.strip()
+    if len(body) > MAX_DESCRIPTION:
+        tail = f"\n\n... (cut; the whole card is the run artifact `{CARD_ARTIFACT}`)"
+        body = body[: MAX_DESCRIPTION - len(tail)] + tail
+    client.update_model_version(name, version, description=body)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,6 +53,9 @@ def test_cache_key_follows_input_content_and_own_params_only(tmp_path):
     assert key(None, {"params": params, "p": p}) != k0
 
 
+PROJECT_PARAMS = load_params(ROOT / "params.yaml")
+
+
 def test_cache_inputs_and_outputs_are_the_dvc_deps_and_outs():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     p = Paths(ROOT, "MODE")
@@ -62,7 +65,7 @@ def test_cache_inputs_and_outputs_are_the_dvc_deps_and_outs():
         # A persisted out (validate's drift profile) is read back on the next run: an input to the cache key.
         deps |= {next(iter(o)).replace("${item}", "MODE") for o in stage["do"].get("outs", [])
                  if isinstance(o, dict) and next(iter(o.values())).get("persist")}
-        assert {str(x.relative_to(ROOT)) for x in INPUTS[step](p)} == deps, step
+        assert {str(x.relative_to(ROOT)) for x in INPUTS[step](p, PROJECT_PARAMS)} == deps, step
         outs = [o if isinstance(o, str) else next(iter(o))
                 for o in stage["do"].get("outs", []) + stage["do"].get("metrics", [])]
         for out in OUTPUTS[step](p):

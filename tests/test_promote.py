@@ -1,4 +1,5 @@
-"""decide() on plain numbers: better, equal, worse, within noise, manual policy, no champion."""
+"""decide() on plain numbers: better, equal, worse, within noise, guard regression, forgetting, manual policy,
+no champion."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from loraflow.config import PromoteParams
 from steps.promote import decide
 
 
-def s(mean: float, lo: float | None = None, hi: float | None = None) -> dict:
-    return {"rougeL": {"mean": mean, "ci_low": lo if lo is not None else mean, "ci_high": hi if hi is not None else mean}}
+def s(mean: float, lo: float | None = None, hi: float | None = None, bertscore: float = 0.8) -> dict:
+    return {"rougeL": {"mean": mean, "ci_low": lo if lo is not None else mean, "ci_high": hi if hi is not None else mean},
+            "bertscore": {"mean": bertscore, "ci_low": bertscore, "ci_high": bertscore}}
 
 
 AUTO = PromoteParams()
@@ -53,3 +55,54 @@ def test_within_noise_fails_when_ci_required():
 def test_manual_policy_never_promotes():
     d = decide(s(0.9), s(0.3), None, PromoteParams(policy="manual"))
     assert d.decision == "challenger" and "manual" in d.reason
+
+
+def test_equal_to_champion_is_not_promoted():
+    d = decide(s(0.5), s(0.3), s(0.5), AUTO)
+    assert d.decision == "challenger" and "delta +0.0000" in d.reason  # beats base, ties champion
+
+
+GUARDED = PromoteParams(guards={"bertscore": 0.02})
+
+
+def test_guard_regression_blocks_a_better_primary():
+    d = decide(s(0.5, bertscore=0.75), s(0.3, bertscore=0.8), None, GUARDED)
+    assert d.decision == "reject"
+    assert "guard regressed: bertscore 0.7500 vs base 0.8000 (drop +0.0500, tolerance 0.0200)" in d.reason
+    assert d.compared_to["guards"]["bertscore"] == {"candidate": 0.75, "base": 0.8, "tolerance": 0.02}
+
+
+def test_guard_drop_within_tolerance_passes_and_is_reported():
+    d = decide(s(0.5, bertscore=0.79), s(0.3, bertscore=0.8), None, GUARDED)
+    assert d.decision == "promote" and "guards held: bertscore 0.7900 vs base 0.8000" in d.reason
+
+
+def test_guard_regression_against_champion_only_makes_a_challenger():
+    d = decide(s(0.6, bertscore=0.80), s(0.3, bertscore=0.79), s(0.5, bertscore=0.85), GUARDED)
+    assert d.decision == "challenger" and "bertscore 0.8000 vs champion 0.8500" in d.reason
+
+
+def _forgetting(cand: float, base: float, champion: float | None = None) -> dict:
+    one = {"base": s(base), "champion": s(champion) if champion is not None else None, "candidate": s(cand)}
+    return {"metric": "rougeL", "sets": {"general": one}}
+
+
+def test_forgetting_guard_rejects_a_candidate_that_forgets_other_sets():
+    d = decide(s(0.5), s(0.3), None, AUTO, forgetting=_forgetting(0.20, 0.30))
+    assert d.decision == "reject" and "forgetting on 'general': rougeL 0.2000 vs base 0.3000" in d.reason
+    assert decide(s(0.5), s(0.3), None, AUTO, forgetting=_forgetting(0.29, 0.30)).decision == "promote"
+    off = PromoteParams(forgetting_tolerance=None)
+    assert decide(s(0.5), s(0.3), None, off, forgetting=_forgetting(0.20, 0.30)).decision == "promote"
+
+
+def test_forgetting_guard_compares_with_champion_when_it_was_scored():
+    d = decide(s(0.6), s(0.3), s(0.5), AUTO, forgetting=_forgetting(0.30, 0.30, champion=0.40))
+    assert d.decision == "challenger" and "forgetting on 'general': rougeL 0.3000 vs champion 0.4000" in d.reason
+
+
+def test_within_noise_against_champion_with_ci_required():
+    pol = PromoteParams(require_ci_above_zero=True)
+    deltas = {"candidate_vs_champion": {"rougeL": {"mean": 0.01, "ci_low": -0.04, "ci_high": 0.06}},
+              "candidate_vs_base": {"rougeL": {"mean": 0.2, "ci_low": 0.1, "ci_high": 0.3}}}
+    d = decide(s(0.51), s(0.31), s(0.5), pol, deltas)
+    assert d.decision == "challenger" and "CI low -0.0400 must be > 0" in d.reason
