@@ -16,7 +16,7 @@ pipeline: setup
 # Everything CI runs: lint, unit tests and the slow end-to-end runs (GPU tests skip without CUDA).
 test: setup
 	ruff check .
-	python -m pytest -q
+	python -m pytest -q --durations=25
 
 test-fast: setup
 	python -m pytest -q -m "not slow"
