@@ -82,6 +82,7 @@ class Engine:
     def __init__(self, params: Params, settings: ServeSettings):
         from loraflow.models import device, load_causal_lm, load_tokenizer, resolve
         from loraflow.tracking import tracking_uri
+        from loraflow.tracking import use as use_tracking
 
         self.params, self.settings = params, settings
         self.model_path = resolve(params.base.model, params.base.model_cache)
@@ -90,11 +91,8 @@ class Engine:
         self.base = load_causal_lm(self.model_path, trust_remote_code=params.base.trust_remote_code).eval()
         self.peft = None  # the PeftModel wrapping self.base, from the first adapter load on
         self.tracking_uri = tracking_uri(params)
-        import mlflow
-
         # models:/ URIs resolve through the process-wide registry URI.
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
+        use_tracking(self.tracking_uri)
         self.gen_lock = threading.Lock()  # one generate at a time on the shared model
         self.tok_lock = threading.Lock()  # fast tokenizers fail ("Already borrowed") when used by two threads
         self.state = threading.RLock()  # guards the dicts below; never held across model work

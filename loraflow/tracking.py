@@ -8,30 +8,40 @@ from pathlib import Path
 
 from loraflow.config import Params, registered_model_name
 
-# mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: without remembering what setup() exported, the first
-# setup in a process would pin every later one (another params file, the next test) to its store.
-_exported: str | None = None
-
 
 def tracking_uri(params: Params) -> str:
     """MLFLOW_TRACKING_URI wins over params; a relative sqlite path is made absolute (against the cwd)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    uri = env if env and env != _exported else params.base.tracking_uri
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.base.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         uri = prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
 
 
+def use(uri: str) -> None:
+    """Point this process's mlflow client at `uri`, leaving the environment as it was.
+
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; left there, the first store used in a process
+    would look like a person's choice and pin every later params file (or test) to it.
+    """
+    import mlflow
+
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def setup(params: Params, mode: str) -> str:
     """Point mlflow at the store and return the id of the mode's experiment (created if missing)."""
     import mlflow
 
-    global _exported
     uri = tracking_uri(params)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    _exported = os.environ.get("MLFLOW_TRACKING_URI")
+    use(uri)
     name = registered_model_name(mode)
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:

@@ -50,7 +50,6 @@ def project(tmp_path: Path) -> Path:
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data" / "raw", tmp_path / "data" / "raw")
     shutil.copytree(ROOT / "data" / "guard", tmp_path / "data" / "guard")  # evaluate.guard_sets
-    shutil.copytree(ROOT / "data" / "guard", tmp_path / "data" / "guard")  # evaluate.guard_sets
     return tmp_path
 
 

@@ -9,6 +9,7 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -273,10 +274,10 @@ def test_feedback_past_threshold_starts_a_run_that_curates_it(env):
     cur = root / "data" / "curated" / "alpha"
     sft = [json.loads(x) for f in ("train.jsonl", "eval.jsonl") for x in (cur / f).read_text().splitlines()]
     from_fb = [r for r in sft if r["source"].startswith("feedback/alpha/")]
-    assert {r["messages"][-1]["content"] for r in from_fb} == {normalise(served["answer"]), correction}
+    assert {r["messages"][-1]["content"] for r in from_fb} == {normalise(served["answer"], False, Counter()), correction}
     prefs = [json.loads(x) for x in (cur / "prefs.jsonl").read_text().splitlines()]
     assert {(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in prefs} == {
-        (correction, normalise(served["answer"])), ("Azul, a cor preferida.", "Não sei.")}
+        (correction, normalise(served["answer"], False, Counter())), ("Azul, a cor preferida.", "Não sei.")}
     assert httpx.get(f"{url}/health").json()["feedback"]["alpha"]["run_exit_code"] == 0
 
 
