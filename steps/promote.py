@@ -256,6 +256,8 @@ def _move_aliases(client, name: str, version: str, metrics: dict, decision: Deci
         if ours - theirs > min_delta:
             registry.move_champion(client, name, version, "pipeline (promote, policy auto)",
                                    f"beats concurrent champion v{current}: {m} {ours:.4f} vs {theirs:.4f}")
+            # The displaced sibling passed the gate too: it ends where it would have had it come second.
+            client.set_registered_model_alias(name, "challenger", current)
             return f"champion moved to v{version}: beats v{current}, promoted concurrently ({m} {ours:.4f} vs {theirs:.4f})"
         client.set_registered_model_alias(name, "challenger", version)
         return f"challenger: concurrent champion v{current} is as good or better ({m} {theirs:.4f} vs {ours:.4f})"

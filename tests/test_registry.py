@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -58,10 +58,21 @@ def make_candidate(params, root: Path, tag: str, rouge: float, champion: tuple[s
     return adapter, root / tag / "metrics.json"
 
 
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory) -> Path:
+    """An MLflow database with its tables made once: creating them costs ~10 s per fresh file."""
+    import mlflow
+
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
 @pytest.fixture
-def params(tmp_path, monkeypatch):
+def params(tmp_path, monkeypatch, empty_db):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # no dvc.lock above the stand-in adapters unless a test writes one
+    shutil.copy(empty_db, tmp_path / "mlflow.db")
     return load_params(ROOT / "params.yaml", [f"base.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
 
 
@@ -153,43 +164,53 @@ def test_champion_moved_in_the_ui_is_never_moved_back(params, client, tmp_path):
     assert registry.rollback(client, NAME)["to"] == "1"
 
 
+@pytest.mark.parametrize("order", [("better", "worse"), ("worse", "better")])
+def test_sibling_runs_in_either_order_end_with_the_better_champion(params, client, tmp_path, order):
+    """Both evaluated against v1: whichever writes second, the better one is champion, the other challenger."""
+    run_promote(params, *make_candidate(params, tmp_path, "seed", 0.4))
+    scores = {"better": 0.6, "worse": 0.55}
+    versions = {k: run_promote(params, *make_candidate(params, tmp_path, k, scores[k], champion=("1", 0.4)))["version"]
+                for k in order}
+    assert registry.aliases(client, NAME) == {"champion": versions["better"], "challenger": versions["worse"]}
+
+
 CONCURRENT = """
 import sys, time
 from pathlib import Path
 from loraflow.config import load_params
 from steps import promote
+import mlflow.pyfunc  # imported before the barrier, so both start registering at the same moment
 params = load_params(sys.argv[1], [f"base.tracking_uri={sys.argv[2]}"])
-while time.time() < float(sys.argv[5]):
-    time.sleep(0.005)
-out = promote.run(params, "%s", Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[3]).parent / "promotion")
+barrier = Path(sys.argv[5])
+(barrier / Path(sys.argv[3]).parent.name).touch()
+while len(list(barrier.iterdir())) < 2:
+    time.sleep(0.002)
+out = promote.run(params, sys.argv[6], Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[3]).parent / "promotion")
 print(out["version"], out["registry_note"])
-""" % MODE  # noqa: UP031 - a script template; its braces are Python code
+"""
 
 
-@pytest.mark.parametrize("rounds", [2])
-def test_two_promotions_at_once_leave_one_champion_the_better_one(params, client, tmp_path, rounds):
+def test_two_promotions_at_once_leave_one_champion_the_better_one(params, client, tmp_path):
     from loraflow.tracking import tracking_uri
 
     run_promote(params, *make_candidate(params, tmp_path, "seed", 0.4))  # v1 champion: both beat it
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for r in range(rounds):
-        current = registry.aliases(client, NAME)["champion"]
-        scores = {"better": 0.6 + r / 10, "worse": 0.55 + r / 10}
-        cands = {k: make_candidate(params, tmp_path, f"{k}{r}", v, champion=(current, 0.4)) for k, v in scores.items()}
-        start = time.time() + 6  # both past their imports, then released together
-        procs = {k: subprocess.Popen([sys.executable, "-c", CONCURRENT, str(ROOT / "params.yaml"), tracking_uri(params),
-                                      str(m), str(a), str(start)], env=env, cwd=tmp_path, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for k, (a, m) in cands.items()}
-        outs = {k: p.communicate(timeout=180) for k, p in procs.items()}
-        assert all(p.returncode == 0 for p in procs.values()), {k: o[1][-2000:] for k, o in outs.items()}
-        versions = {k: o[0].split()[0] for k, o in outs.items()}
-        aliases = registry.aliases(client, NAME)
-        assert aliases["champion"] == versions["better"], (aliases, outs)
-        assert aliases.get("challenger") in (None, versions["worse"])
-        # One consistent history: its top is the champion, and no lock is left behind.
-        assert registry.champion_stack(registry.history(client, NAME))[-1] == versions["better"]
-        assert not client.search_registered_models(f"name='{registry.lock_name(NAME)}'")
+    cands = {k: make_candidate(params, tmp_path, k, v, champion=("1", 0.4)) for k, v in (("better", 0.6), ("worse", 0.55))}
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = {k: subprocess.Popen([sys.executable, "-c", CONCURRENT, str(ROOT / "params.yaml"), tracking_uri(params),
+                                  str(m), str(a), str(barrier), MODE], env=env, cwd=tmp_path, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for k, (a, m) in cands.items()}
+    outs = {k: p.communicate(timeout=300) for k, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), {k: o[1][-2000:] for k, o in outs.items()}
+    versions = {k: o[0].split()[0] for k, o in outs.items()}
+    aliases = registry.aliases(client, NAME)
+    assert aliases == {"champion": versions["better"], "challenger": versions["worse"]}, outs
+    # One consistent history (v1 at the bottom, the champion on top) and no lock left behind.
+    stack = registry.champion_stack(registry.history(client, NAME))
+    assert stack[0] == "1" and stack[-1] == versions["better"]
+    assert not client.search_registered_models(f"name='{registry.lock_name(NAME)}'")
 
 
 def test_model_card_is_attached_to_the_version_and_parses_back(params, client, tmp_path):
