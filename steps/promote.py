@@ -158,7 +158,7 @@ def dvc_hashes(adapter_dir: Path, mode: str) -> dict[str, str]:
 
 def _version_tags(params: Params, adapter_dir: Path, mode: str, info: dict, metrics: dict,
                   decision: Decision) -> dict[str, str]:
-    summary = {n: {k: round(v["mean"], 6) for k, v in metrics[n].items() if isinstance(v, dict)}
+    summary = {n: {k: round(v["mean"], 6) for k, v in metrics[n].items() if isinstance(v, dict) and "mean" in v}
                for n in ("base", "champion", "candidate") if metrics.get(n)}
     tags = {
         "mode": mode,

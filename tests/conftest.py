@@ -16,8 +16,9 @@ FORMATS = next((d / "shared" / "formats" for d in ROOT.parents if (d / "shared" 
                ROOT.parent / "shared" / "formats")
 MODE = "retail_media"
 
-# Real steps, shrunk: a few training steps, a few eval prompts. min_delta=-1 makes the gate pass so the
-# registry path always runs; the gate's own logic is unit-tested on plain numbers in test_promote.py.
+# Real steps, shrunk: a few training steps, a few eval prompts. min_delta=-1 (and no forgetting guard) makes
+# the gate pass so the
+# the registry path always runs; the gate's own logic is unit-tested on plain numbers in test_promote.py.
 SHRUNK = [
     "train.max_steps=3",
     "train.batch_size=4",
@@ -26,6 +27,7 @@ SHRUNK = [
     "evaluate.max_new_tokens=24",
     "evaluate.bootstrap_samples=200",
     "promote.min_delta=-1.0",
+    "promote.forgetting_tolerance=null",
 ]
 
 
