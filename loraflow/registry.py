@@ -101,8 +101,8 @@ def champion_stack(events: list[dict[str, Any]]) -> list[str]:
 
 
 def _event(version: str, by: str, note: str = "") -> dict[str, Any]:
-    return {"version": str(version), "by": by, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "note": note}
+    e = {"version": str(version), "by": by, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {**e, "note": note} if note else e
 
 
 def _record(client, name: str, events: list[dict[str, Any]], current: str | None) -> list[dict[str, Any]]:

@@ -176,8 +176,6 @@ def _version_tags(params: Params, adapter_dir: Path, mode: str, info: dict, metr
         "evaluated_against_champion": str(metrics.get("champion_version") or "none"),
         **dvc_hashes(adapter_dir, mode),
     }
-    # Full precision: a concurrent run compares its candidate with this one through these tags.
-    tags.update({f"eval_{k}_{n}": repr(v) for n, d in summary.items() for k, v in d.items()})
     return tags
 
 
@@ -242,7 +240,8 @@ def _move_aliases(client, name: str, version: str, metrics: dict, decision: Deci
         # A person rolled this adapter back: the pipeline never undoes that.
         return f"not moved: v{version} was rolled back ({mv.tags[registry.ROLLED_BACK_TAG]})"
     if current == evaluated_against:
-        registry.move_champion(client, name, version, "pipeline (promote, policy auto)", decision.reason)
+        # The reason is in the version's decision_reason tag; the history stays short enough to read in the UI.
+        registry.move_champion(client, name, version, "pipeline (promote, policy auto)")
         return f"champion moved to v{version} (was {('v' + current) if current else 'none'})"
     # Champion moved since this candidate was evaluated. A sibling run evaluated against the same champion on
     # the same eval set can be compared on the same numbers (the better one wins); anything else (a person's
@@ -251,11 +250,12 @@ def _move_aliases(client, name: str, version: str, metrics: dict, decision: Deci
     m = decision.metric
     if (cur is not None and cur.tags.get("evaluated_against_champion") == str(evaluated_against or "none")
             and cur.tags.get("eval_set_sha256") == metrics["eval_set"]["sha256"]
-            and f"eval_{m}_candidate" in cur.tags and _by_pipeline(client, name, current)):
-        theirs, ours = float(cur.tags[f"eval_{m}_candidate"]), metrics["candidate"][m]["mean"]
+            and "metrics" in cur.tags and _by_pipeline(client, name, current)):
+        # Same eval set, same reference: the means in its `metrics` tag (6 decimals) compare with ours.
+        theirs, ours = json.loads(cur.tags["metrics"])["candidate"][m], round(metrics["candidate"][m]["mean"], 6)
         if ours - theirs > min_delta:
             registry.move_champion(client, name, version, "pipeline (promote, policy auto)",
-                                   f"beats concurrent champion v{current}: {m} {ours:.4f} vs {theirs:.4f}")
+                                   f"beat concurrent v{current}")
             # The displaced sibling passed the gate too: it ends where it would have had it come second.
             client.set_registered_model_alias(name, "challenger", current)
             return f"champion moved to v{version}: beats v{current}, promoted concurrently ({m} {ours:.4f} vs {theirs:.4f})"
