@@ -17,8 +17,7 @@ FORMATS = next((d / "shared" / "formats" for d in ROOT.parents if (d / "shared" 
 MODE = "retail_media"
 
 # Real steps, shrunk: a few training steps, a few eval prompts. min_delta=-1 (and no forgetting guard) makes
-# the gate pass so the
-# the registry path always runs; the gate's own logic is unit-tested on plain numbers in test_promote.py.
+# the gate pass so the registry path always runs; the gate's own logic is unit-tested on plain numbers in test_promote.py.
 SHRUNK = [
     "train.max_steps=3",
     "train.batch_size=4",
