@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 import loraflow  # noqa: F401  (sets the offline env before anything imports transformers)
+
+# Tests never share the user's ~/.prefect (its SQLite database) with other runs on the machine, and never
+# talk to a Prefect server the user configured: each test session gets its own Prefect home.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="loraflow-test-prefect-")
+for _k in ("PREFECT_API_URL", "PREFECT_API_KEY"):
+    os.environ.pop(_k, None)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Real files in the formats users bring: ../shared/formats beside the checkout (CI), or further up (worktrees).
