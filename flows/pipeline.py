@@ -43,7 +43,9 @@ from steps import validate as validate_step
 # What each step reads and writes: the same paths as its deps/outs in dvc.yaml.
 INPUTS: dict[str, Callable[[Paths, Params], list[Path]]] = {
     "curate": lambda p, _: [p.raw, p.feedback],
-    "validate": lambda p, _: [p.curated, p.profile],  # the profile is the drift baseline it compares against
+    # Not the drift profile it reads: validate rewrites it on every pass, so as a key input it would make the
+    # second run of unchanged data recompute. dvc.yaml has it as a persisted out, not a dep, for the same reason.
+    "validate": lambda p, _: [p.curated],
     "train": lambda p, _: [p.validation / "report.json", p.curated],
     "evaluate": lambda p, params: [p.curated / "eval.jsonl", p.adapter,
                                    *(p.root / g for g in params.evaluate.guard_sets)],

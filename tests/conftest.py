@@ -17,6 +17,10 @@ import loraflow  # noqa: F401  (sets the offline env before anything imports tra
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="loraflow-test-prefect-")
 for _k in ("PREFECT_API_URL", "PREFECT_API_KEY"):
     os.environ.pop(_k, None)
+# Nor an MLflow store the environment names: MLFLOW_TRACKING_URI wins over params (tracking.tracking_uri), and
+# every test points its steps at its own SQLite file. Tests that check the variable set it themselves.
+for _k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    os.environ.pop(_k, None)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Real files in the formats users bring: ../shared/formats beside the checkout (CI), or further up (worktrees).
@@ -78,3 +82,21 @@ def chat(q: str, a: str, system: str | None = None) -> dict:
     msgs = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": q}, {"role": "assistant", "content": a}]
     return {"messages": msgs}
+
+
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_env_leak(request):
+    """A test (or the code under test) must not leave an MLflow URI in the environment: every later
+    subprocess would inherit it, and `MLFLOW_TRACKING_URI` wins over a test's own params."""
+    before = {k: os.environ.get(k) for k in _MLFLOW_ENV}
+    yield
+    leaked = {k: os.environ.get(k) for k in _MLFLOW_ENV if os.environ.get(k) != before[k]}
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    assert not leaked, f"{request.node.nodeid} left {leaked} in os.environ"
