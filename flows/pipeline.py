@@ -71,15 +71,23 @@ def content_hash(path: Path) -> str:
     return sha256_file(path) if path.exists() else "missing"
 
 
+# Library code a step's results depend on beyond its own module (the .py deps of its dvc.yaml stage).
+CODE: dict[str, list[str]] = {"curate": ["loraflow/formats.py", "loraflow/neardup.py"],
+                              "train": ["loraflow/training.py"]}
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
 def step_cache_key(step: str) -> Callable[[Any, dict[str, Any]], str]:
-    """Cache key of one step: its input files' content, its params sections, its module's source."""
+    """Cache key of one step: its input files' content, its params sections, its code's source."""
     source = Path(inspect.getsourcefile(STEP_MODULES[step]))
+    code = [PACKAGE_ROOT / c for c in CODE.get(step, [])]
 
     def key(_ctx: Any, inputs: dict[str, Any]) -> str:
         params: Params = inputs["params"]
         p: Paths = inputs["p"]
         h = hashlib.sha256(f"{step}\0{p.root}\0{p.mode}\0{params.digest('base', step)}\0".encode())
-        h.update(sha256_file(source).encode())
+        for f in (source, *code):
+            h.update(sha256_file(f).encode())
         for path in INPUTS[step](p, params):
             h.update(f"{path.relative_to(p.root)}\0{content_hash(path)}\n".encode())
         return h.hexdigest()

@@ -12,6 +12,8 @@ import re
 import zlib
 from bisect import bisect_left, bisect_right
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,37 +58,87 @@ def template_facts(tok, conversations: list[list[dict]], eot_ids: set[int]) -> l
                         "detail": {"template_renders": err}})
             continue
         ids, offsets = next(enc)
-        starts = [s for s, _ in offsets]
-        ends = [e for _, e in offsets]
         row = {"renders": True, "n_tokens": len(ids), "spans_located": True, "ends_with_eot": True, "detail": {}}
-        pos = 0
-        for k, m in enumerate(msgs):
-            content = str(m.get("content") or "")
-            at = text.find(content, pos) if content else -1
-            if m.get("role") != "assistant":
-                # Step past the other turns so a short answer is not "found" inside the question before it.
-                pos = at + len(content) if at >= 0 else pos
-                continue
-            if at < 0:
-                row["spans_located"] = False
-                row["detail"]["assistant_spans"] = f"messages[{k}]: assistant content not found in the rendered text"
-                row["ends_with_eot"] = False
+        for turn in assistant_turns(text, ids, offsets, msgs, eot_ids):
+            if turn.problem == "not found":
+                row["spans_located"] = row["ends_with_eot"] = False
+                row["detail"]["assistant_spans"] = f"messages[{turn.index}]: assistant content not found in the rendered text"
                 break
-            pos = at + len(content)
-            first = bisect_right(ends, at)  # first token ending after the span starts
-            last = bisect_left(starts, pos) - 1  # last token starting before the span ends
-            if first > last:
+            if turn.problem == "no token":
                 row["spans_located"] = False
-                row["detail"]["assistant_spans"] = f"messages[{k}]: no token covers the assistant content"
+                row["detail"]["assistant_spans"] = f"messages[{turn.index}]: no token covers the assistant content"
                 break
-            nxt = last + 1
-            while nxt < len(ids) and not text[starts[nxt]:ends[nxt]].strip() and ids[nxt] not in eot_ids:
-                nxt += 1  # a newline between the content and the end-of-turn token is harmless
-            if nxt >= len(ids) or ids[nxt] not in eot_ids:
+            if turn.eot is None:
+                nxt = turn.last + 1
+                while nxt < len(ids) and not text[offsets[nxt][0]:offsets[nxt][1]].strip():
+                    nxt += 1
                 got = tok.convert_ids_to_tokens(ids[nxt]) if nxt < len(ids) else "end of text"
                 row["ends_with_eot"] = False
-                row["detail"]["turns_end_with_eos"] = f"messages[{k}]: followed by {got!r}, not an end-of-turn token ({eot_text})"
+                row["detail"]["turns_end_with_eos"] = f"messages[{turn.index}]: followed by {got!r}, not an end-of-turn token ({eot_text})"
         out.append(row)
+    return out
+
+
+@dataclass(frozen=True)
+class AssistantTurn:
+    index: int  # position in messages
+    first: int  # first token of the content
+    last: int  # last token of the content
+    eot: int | None  # the end-of-turn token closing it, if one follows (whitespace between is allowed)
+    problem: str | None = None  # "not found" | "no token"
+
+
+def assistant_turns(text: str, ids: list[int], offsets: list[tuple[int, int]], msgs: list[dict],
+                    eot_ids: set[int]) -> Iterator[AssistantTurn]:
+    """Locate each assistant turn's content as a token span of the rendered conversation.
+
+    The same search serves the validation gate (can the spans be found?) and training (the loss mask).
+    Stops at the first turn that cannot be located.
+    """
+    starts = [s for s, _ in offsets]
+    ends = [e for _, e in offsets]
+    pos = 0
+    for k, m in enumerate(msgs):
+        content = str(m.get("content") or "")
+        at = text.find(content, pos) if content else -1
+        if m.get("role") != "assistant":
+            # Step past the other turns so a short answer is not "found" inside the question before it.
+            pos = at + len(content) if at >= 0 else pos
+            continue
+        if at < 0:
+            yield AssistantTurn(k, -1, -1, None, "not found")
+            return
+        pos = at + len(content)
+        first = bisect_right(ends, at)  # first token ending after the span starts
+        last = bisect_left(starts, pos) - 1  # last token starting before the span ends
+        if first > last:
+            yield AssistantTurn(k, first, last, None, "no token")
+            return
+        nxt = last + 1
+        while nxt < len(ids) and not text[starts[nxt]:ends[nxt]].strip() and ids[nxt] not in eot_ids:
+            nxt += 1  # a newline between the content and the end-of-turn token is harmless
+        yield AssistantTurn(k, first, last, nxt if nxt < len(ids) and ids[nxt] in eot_ids else None)
+
+
+def assistant_masks(tok, conversations: list[list[dict]], eot_ids: set[int]) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each rendered conversation and a mask that is 1 on every assistant turn's content and
+    the end-of-turn token that closes it (so the model learns to stop), 0 elsewhere.
+
+    Works with any chat template: it needs no {% generation %} markers. Raises ValueError naming the
+    conversation whose assistant turns cannot be located (the validation gate refuses such data first).
+    """
+    texts = [tok.apply_chat_template(msgs, tokenize=False) for msgs in conversations]
+    out = []
+    for i, (msgs, text, (ids, offsets)) in enumerate(zip(conversations, texts, _encode_with_offsets(tok, texts),
+                                                         strict=True)):
+        mask = [0] * len(ids)
+        for turn in assistant_turns(text, ids, offsets, msgs, eot_ids):
+            if turn.problem:
+                raise ValueError(f"conversation {i}: messages[{turn.index}]: assistant content {turn.problem} "
+                                 "in the rendered chat template")
+            for t in range(turn.first, (turn.eot if turn.eot is not None else turn.last) + 1):
+                mask[t] = 1
+        out.append((list(ids), mask))
     return out
 
 

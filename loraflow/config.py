@@ -143,7 +143,8 @@ class ValidateParams(_Section):
 
 
 class TrainParams(_Section):
-    method: Literal["sft"] = "sft"
+    # sft: supervised on train.jsonl; dpo: preference pairs from prefs.jsonl; sft+dpo: SFT, then DPO from that adapter
+    method: Literal["sft", "dpo", "sft+dpo"] = "sft"
     quantization: Literal["auto", "none", "4bit"] = "auto"  # auto: 4-bit QLoRA on CUDA with bitsandbytes, else none
     lora_r: int = Field(16, ge=1)  # rank: 8-64 is the usual range; more data -> more rank
     lora_alpha: int = Field(32, ge=1)  # usually 2 * rank
@@ -157,6 +158,20 @@ class TrainParams(_Section):
     max_length: int = Field(256, gt=16)  # tokens per training example after the chat template
     gradient_checkpointing: bool = False  # saves memory, costs ~60% more time on CPU
     logging_steps: int = Field(5, ge=1)
+    # Loss on every assistant turn (and the end-of-turn token after it); false: on every token.
+    assistant_only_loss: bool = True
+    # Padding-free: a batch is one concatenated sequence, attention kept within each example (no pad tokens computed).
+    padding_free: bool = True
+    packing: bool = False  # pack examples into max_length blocks (best-fit decreasing); implies padding-free
+    save_steps: int = Field(20, ge=0)  # checkpoint every N optimizer steps (0: never); a re-run resumes from the last
+    checkpoint_dir: str = ".checkpoints"  # relative to the working directory; one folder per mode and run key
+    keep_checkpoints: bool = False  # keep them after a run that finished
+    dpo_beta: float = Field(0.1, gt=0)  # strength of the pull towards the reference model
+    dpo_learning_rate: float = Field(5e-5, gt=0)  # DPO with LoRA wants ~10x less than SFT
+    dpo_epochs: float = Field(1.0, gt=0)
+    dpo_max_steps: int = -1  # > 0 overrides dpo_epochs
+    system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) sampled during training
+    metrics_flush_every: int = Field(20, ge=1)  # buffered training metrics are sent to MLflow in one call every N logs
 
 
 class EvaluateParams(_Section):

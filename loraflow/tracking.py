@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from loraflow.config import Params, registered_model_name
 
 
@@ -67,3 +69,25 @@ def git_commit() -> str | None:
 def flat_params(params: Params, *sections: str) -> dict[str, str]:
     d = params.to_dict()
     return {f"{s}.{k}": str(v) for s in sections for k, v in d[s].items()}
+
+
+def dvc_hashes(adapter_dir: Path, mode: str) -> dict[str, str]:
+    """DVC's own hashes of the curated data and the adapter, from the nearest dvc.lock above the adapter.
+
+    Under `dvc repro` the lock already holds the train and curate outputs when promote runs; outside DVC
+    there is no lock and the content hashes (adapter_sha256, train_data_sha256) stand alone.
+    """
+    for folder in [Path.cwd(), *Path(adapter_dir).resolve().parents]:
+        lock = folder / "dvc.lock"
+        if lock.exists():
+            break
+    else:
+        return {"dvc.lock": "absent"}
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    out = {"dvc.lock": str(lock)}
+    for key, stage, path in (("dvc.curated_md5", f"curate@{mode}", f"data/curated/{mode}"),
+                             ("dvc.adapter_md5", f"train@{mode}", f"data/adapters/{mode}")):
+        for o in stages.get(stage, {}).get("outs", []):
+            if o.get("path") == path and o.get("md5"):
+                out[key] = o["md5"]
+    return out

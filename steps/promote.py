@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from loraflow import registry, tracking
 from loraflow.config import Params, PromoteParams, load_params, registered_model_name
 from loraflow.io import atomic_dir, read_json, write_json
@@ -134,28 +132,6 @@ def chat_template_sha256(adapter_dir: Path) -> str:
     return _sha256_bytes(json.dumps(template, sort_keys=True).encode()) if template else "none"
 
 
-def dvc_hashes(adapter_dir: Path, mode: str) -> dict[str, str]:
-    """DVC's own hashes of the curated data and the adapter, from the nearest dvc.lock above the adapter.
-
-    Under `dvc repro` the lock already holds the train and curate outputs when promote runs; outside DVC
-    there is no lock and the content hashes (adapter_sha256, train_data_sha256) stand alone.
-    """
-    for folder in [Path.cwd(), *Path(adapter_dir).resolve().parents]:
-        lock = folder / "dvc.lock"
-        if lock.exists():
-            break
-    else:
-        return {"dvc.lock": "absent"}
-    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-    out = {"dvc.lock": str(lock)}
-    for key, stage, path in (("dvc.curated_md5", f"curate@{mode}", f"data/curated/{mode}"),
-                             ("dvc.adapter_md5", f"train@{mode}", f"data/adapters/{mode}")):
-        for o in stages.get(stage, {}).get("outs", []):
-            if o.get("path") == path and o.get("md5"):
-                out[key] = o["md5"]
-    return out
-
-
 def _version_tags(params: Params, adapter_dir: Path, mode: str, info: dict, metrics: dict,
                   decision: Decision) -> dict[str, str]:
     summary = {n: {k: round(v["mean"], 6) for k, v in metrics[n].items() if isinstance(v, dict) and "mean" in v}
@@ -174,7 +150,7 @@ def _version_tags(params: Params, adapter_dir: Path, mode: str, info: dict, metr
         "decision": decision.decision,
         "decision_reason": decision.reason,
         "evaluated_against_champion": str(metrics.get("champion_version") or "none"),
-        **dvc_hashes(adapter_dir, mode),
+        **tracking.dvc_hashes(adapter_dir, mode),
     }
     return tags
 

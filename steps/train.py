@@ -1,12 +1,15 @@
-"""train: a LoRA adapter (QLoRA on CUDA) on the curated train split, with trl's SFTTrainer.
+"""train: a LoRA adapter (QLoRA on CUDA) with trl: SFT on the curated train split, DPO on its preference pairs.
 
     python -m steps.train --mode retail_media data/validation/retail_media/report.json \
         data/curated/retail_media data/adapters/retail_media
 
-Loss is on the final assistant turn only: each conversation becomes a conversational prompt/completion
-pair, which trl masks for us and which works with any chat template (assistant_only_loss needs
-{% generation %} markers that most templates, SmolLM2's included, lack).
-Writes the adapter (safetensors), tokenizer + chat template and train_info.json, whole; logs the run to MLflow.
+Loss is on every assistant turn and the end-of-turn token closing it (the model learns to stop), found by
+locating each turn in the rendered chat template, so any template works without {% generation %} markers;
+`train.assistant_only_loss: false` trains on all tokens. Padding-free batches by default (no pad tokens are
+computed; attention stays within each example). Checkpoints every `train.save_steps`; a re-run with the same
+params and data resumes from the last one and ends at the same step count. Same seed and data on CPU give the
+same adapter, bit for bit. Writes the adapter (safetensors), tokenizer + chat template, loss.png and
+train_info.json, whole; each stage (sft, dpo) is its own MLflow run.
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import tempfile
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from loraflow import tracking
+from loraflow import tracking, training
 from loraflow.config import Params, load_params
 from loraflow.errors import ValidationFailed
 from loraflow.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json
@@ -43,142 +46,290 @@ def choose_quantization(setting: str, cuda: bool, has_bnb: bool) -> tuple[bool, 
     return False, "auto: no CUDA -> plain LoRA in float32 (QLoRA on CPU is slower and starts worse)"
 
 
-def to_prompt_completion(records: list[dict]) -> list[dict[str, Any]]:
-    return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records]
-
-
 def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, adapter_dir: Path) -> dict[str, Any]:
-    """Train one adapter.
+    """Train one adapter: SFT on train.jsonl, DPO on prefs.jsonl, or SFT then DPO (`train.method`).
 
     Args:
         params: reads `base` and `train`.
         mode: names the MLflow experiment (loraflow-<mode>).
         validation_report: validate's report.json; training refuses data that did not pass.
-        curated_dir: folder with train.jsonl (curate's output).
-        adapter_dir: gets adapter_model.safetensors, adapter_config.json, tokenizer files and train_info.json.
+        curated_dir: folder with train.jsonl and prefs.jsonl (curate's output).
+        adapter_dir: gets adapter_model.safetensors, adapter_config.json, tokenizer files, loss.png and
+            train_info.json, whole or not at all.
+
+    Each stage is its own MLflow run. Checkpoints go to `<train.checkpoint_dir>/<mode>/<stage>-<key>`, where
+    the key hashes what decides the weights; re-running after a crash resumes from the newest complete one.
 
     Returns:
-        train_info (also written to adapter_dir/train_info.json), including the MLflow run id.
+        train_info (also written to adapter_dir/train_info.json), including the MLflow run id(s).
     """
-    import mlflow
     import torch
-    from datasets import Dataset
-    from mlflow.entities import Metric
-    from peft import LoraConfig
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
 
-    from loraflow.models import device, load_causal_lm, load_tokenizer, resolve
+    from loraflow.models import device, load_tokenizer, resolve
 
     tp = params.train
     curated_dir, adapter_dir = Path(curated_dir), Path(adapter_dir)
-    _check_validated(Path(validation_report), curated_dir)
-    set_seed(params.base.seed)
+    stages = {"sft": ["sft"], "dpo": ["dpo"], "sft+dpo": ["sft", "dpo"]}[tp.method]
+    data = {"sft": curated_dir / "train.jsonl", "dpo": curated_dir / "prefs.jsonl"}
+    _check_validated(Path(validation_report), [data[s] for s in stages])
+    records = {s: read_jsonl(data[s]) for s in stages}
+    for s in stages:
+        if not records[s]:
+            raise ValidationFailed(f"{data[s]}: no records to train {s} on (train.method={tp.method})")
     cuda = device() == "cuda"
     use_4bit, why = choose_quantization(tp.quantization, cuda, importlib.util.find_spec("bitsandbytes") is not None)
     log.info("train: %s", why)
 
     model_path = resolve(params.base.model, params.base.model_cache)
     tok = load_tokenizer(model_path, params.base.trust_remote_code)
-    model = load_causal_lm(model_path, quantize_4bit=use_4bit, trust_remote_code=params.base.trust_remote_code)
-    records = read_jsonl(curated_dir / "train.jsonl")
-    dataset = Dataset.from_list(to_prompt_completion(records))
-
     experiment_id = tracking.setup(params, mode)
+    ctx = _Context(params, mode, tok, model_path, use_4bit, why, cuda, experiment_id,
+                   {"data_sha256": {s: sha256_file(data[s]) for s in stages},
+                    **tracking.dvc_hashes(adapter_dir, mode)})
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="loraflow-train-") as work, \
-            mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{mode}-{params.digest('base', 'train')}") as mrun:
-        cfg = SFTConfig(
-            output_dir=work,
-            per_device_train_batch_size=tp.batch_size,
-            gradient_accumulation_steps=tp.grad_accum,
-            num_train_epochs=tp.epochs,
-            max_steps=tp.max_steps,
-            learning_rate=tp.learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=0.05,  # a float < 1 is a ratio of the total steps in transformers 5
-            max_length=tp.max_length,
-            logging_steps=tp.logging_steps,
-            save_strategy="no",
-            report_to="none",  # we log to MLflow in batches ourselves: no HTTP call per step
-            seed=params.base.seed,
-            data_seed=params.base.seed,
-            bf16=cuda,  # SFTConfig defaults to bf16, which fails on CPU
-            gradient_checkpointing=tp.gradient_checkpointing,
-            optim="paged_adamw_8bit" if use_4bit else "adamw_torch",
-            include_num_input_tokens_seen=True,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
-        lora = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
-                          target_modules=tp.target_modules, task_type="CAUSAL_LM")
-        trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tok, peft_config=lora)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        result = trainer.train()
-        wall = time.time() - t0
+    results: list[dict[str, Any]] = []
+    init_adapter: Path | None = None
+    for stage in stages:
+        set_seed(params.base.seed)
+        key = training.run_key(params, stage, ctx.tags["data_sha256"][stage],
+                               results[-1]["adapter_sha256"] if results else "")
+        res = _train_stage(ctx, stage, key, records[stage], init_adapter)
+        results.append(res)
+        init_adapter = res["checkpoints"] / "final"
+    wall = time.time() - t0
 
-        history = [h for h in trainer.state.log_history if "loss" in h]
-        tokens = int(trainer.state.num_input_tokens_seen or 0)
-        trainable, total = trainer.model.get_nb_trainable_parameters()
-        info = {
-            "mode": mode,
-            "method": tp.method,
-            "base_model": params.base.model,
-            "quantization": "4bit-nf4" if use_4bit else "none",
-            "quantization_reason": why,
-            "hardware": torch.cuda.get_device_name(0) if cuda else f"cpu x{os.cpu_count()}",
-            "steps": trainer.state.global_step,
-            "epochs": float(trainer.state.epoch or 0),
-            "train_records": len(records),
-            "tokens_seen": tokens,
-            "wall_seconds": round(wall, 2),
-            "tokens_per_second": round(tokens / wall, 1) if wall else None,
-            "peak_memory_mb": _peak_memory_mb(cuda),
-            "final_loss": history[-1]["loss"] if history else None,
-            "train_loss": result.training_loss,
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "train_data_sha256": sha256_file(curated_dir / "train.jsonl"),
-            "seed": params.base.seed,
-            "params": params.to_dict()["train"],
-            "mlflow_run_id": mrun.info.run_id,
-            "mlflow_experiment_id": experiment_id,
-            "git_commit": tracking.git_commit(),
-        }
-
-        client = mlflow.MlflowClient()
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(h[k]), now, int(h["step"])) for h in history for k in ("loss", "learning_rate") if k in h]
-        metrics += [Metric(k, float(info[k]), now, info["steps"]) for k in ("tokens_per_second", "wall_seconds", "train_loss")]
-        for i in range(0, len(metrics), 500):  # one call per 500 metrics, not one per step
-            client.log_batch(mrun.info.run_id, metrics=metrics[i:i + 500])
-        mlflow.log_params(tracking.flat_params(params, "base", "train"))
-        mlflow.set_tags({"loraflow.mode": mode, "loraflow.step": "train", "git_commit": info["git_commit"] or "",
-                         "train_data_sha256": info["train_data_sha256"], "quantization": info["quantization"]})
-
-        with atomic_dir(adapter_dir) as tmp:
-            trainer.model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            info["adapter_sha256"] = sha256_file(tmp / "adapter_model.safetensors")
-            write_json(tmp / "train_info.json", info)
-        mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
-        mlflow.set_tag("adapter_sha256", info["adapter_sha256"])
-    log.info("train: %d steps, %d tokens in %.0f s (%.0f tokens/s), final loss %s",
-             info["steps"], tokens, wall, info["tokens_per_second"] or 0, info["final_loss"])
+    last = results[-1]
+    info = {
+        "mode": mode,
+        "method": tp.method,
+        "base_model": params.base.model,
+        "quantization": "4bit-nf4" if use_4bit else "none",
+        "quantization_reason": why,
+        "hardware": torch.cuda.get_device_name(0) if cuda else f"cpu x{os.cpu_count()}",
+        "steps": last["steps"],
+        "epochs": last["epochs"],
+        "train_records": len(records.get("sft", [])),
+        "pref_records": len(records.get("dpo", [])),
+        "tokens_seen": sum(r["tokens_seen"] for r in results),
+        "wall_seconds": round(wall, 2),
+        # over what this process trained: a resumed stage only ran the steps after its checkpoint
+        "tokens_per_second": round(sum(r["tokens_this_run"] for r in results) / max(sum(r["train_seconds"] for r in results), 1e-9), 1),
+        "peak_memory_mb": _peak_memory_mb(cuda),
+        "final_loss": last["final_loss"],
+        "train_loss": last["train_loss"],
+        "resumed_from_step": {r["stage"]: r["resumed_from_step"] for r in results},
+        "loss_mask": "assistant turns + end-of-turn token" if tp.assistant_only_loss else "all tokens",
+        "padding_free": tp.padding_free or tp.packing,
+        "packing": tp.packing,
+        "truncated_records": sum(r["truncated"] for r in results),
+        "trainable_parameters": last["trainable"],
+        "total_parameters": last["total"],
+        "train_data_sha256": ctx.tags["data_sha256"].get("sft", ""),
+        "prefs_data_sha256": ctx.tags["data_sha256"].get("dpo", ""),
+        "dvc_curated_md5": ctx.tags.get("dvc.curated_md5"),
+        "chat_template_sha256": _template_sha256(tok),
+        "seed": params.base.seed,
+        "params": params.to_dict()["train"],
+        "stages": [{k: v for k, v in r.items() if k not in ("checkpoints",)} for r in results],
+        "mlflow_run_id": last["mlflow_run_id"],
+        "mlflow_run_ids": {r["stage"]: r["mlflow_run_id"] for r in results},
+        "mlflow_experiment_id": experiment_id,
+        "git_commit": tracking.git_commit(),
+    }
+    with atomic_dir(adapter_dir) as tmp:
+        shutil.copytree(last["checkpoints"] / "final", tmp, dirs_exist_ok=True)
+        tok.save_pretrained(tmp)
+        info["adapter_sha256"] = sha256_file(tmp / "adapter_model.safetensors")
+        for r in info["stages"]:
+            r.pop("history", None)
+        write_json(tmp / "train_info.json", info)
+    _finish_mlflow(ctx, last, adapter_dir, info)
+    if not tp.keep_checkpoints:
+        for r in results:
+            training.remove_checkpoints(r["checkpoints"])
+    log.info("train: %s, %d steps, %d tokens in %.0f s (%.0f tokens/s), final loss %s", tp.method, info["steps"],
+             info["tokens_seen"], wall, info["tokens_per_second"] or 0, info["final_loss"])
     return info
 
 
-def _check_validated(report_file: Path, curated_dir: Path) -> None:
+class _Context:
+    """What every stage shares: params, tokenizer, the hardware decision, the MLflow experiment."""
+
+    def __init__(self, params, mode, tok, model_path, use_4bit, why, cuda, experiment_id, tags):
+        self.params, self.mode, self.tok, self.model_path = params, mode, tok, model_path
+        self.use_4bit, self.why, self.cuda, self.experiment_id, self.tags = use_4bit, why, cuda, experiment_id, tags
+
+
+def sft_dataset(tok, records: list[dict], max_length: int, assistant_only: bool, model_dir: str | None = None):
+    """Pre-tokenized SFT examples: input_ids and (when assistant-only) the loss mask of every assistant turn
+    plus its end-of-turn token, cut to max_length (keep the start). Returns (dataset, records truncated)."""
+    from datasets import Dataset
+
+    from loraflow.checks import assistant_masks, end_of_turn_ids
+
+    rows, truncated = [], 0
+    for ids, mask in assistant_masks(tok, [r["messages"] for r in records], end_of_turn_ids(tok, model_dir)):
+        if len(ids) > max_length:
+            truncated += 1
+            ids, mask = ids[:max_length], mask[:max_length]
+        if assistant_only and not any(mask):
+            continue  # nothing to learn from once truncated
+        rows.append({"input_ids": ids, "assistant_masks": mask} if assistant_only else {"input_ids": ids})
+    return Dataset.from_list(rows), truncated
+
+
+def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_adapter: Path | None) -> dict[str, Any]:
+    import mlflow
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+
+    from loraflow.models import load_causal_lm
+
+    params, tp = ctx.params, ctx.params.train
+    folder = Path(tp.checkpoint_dir) / ctx.mode / f"{stage}-{key}"
+    resume = training.last_checkpoint(folder)
+    resumed_from = int(resume.name.split("-")[1]) if resume else 0
+    tokens_before = int(read_json(resume / "trainer_state.json").get("num_input_tokens_seen") or 0) if resume else 0
+    if resume:
+        log.info("train: resuming %s from %s (step %d)", stage, resume, resumed_from)
+
+    model = load_causal_lm(ctx.model_path, quantize_4bit=ctx.use_4bit, trust_remote_code=params.base.trust_remote_code)
+    peft_config = None
+    if init_adapter is not None:  # sft+dpo: DPO continues the SFT adapter (trl keeps a frozen copy as reference)
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:
+        peft_config = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
+                                 target_modules=tp.target_modules, task_type="CAUSAL_LM")
+    common = dict(
+        output_dir=str(folder),
+        per_device_train_batch_size=tp.batch_size,
+        gradient_accumulation_steps=tp.grad_accum,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,  # a float < 1 is a ratio of the total steps in transformers 5
+        logging_steps=tp.logging_steps,
+        save_strategy="steps" if tp.save_steps else "no",
+        save_steps=tp.save_steps or 500,
+        save_total_limit=2,
+        report_to="none",  # our callback logs to MLflow in batches: no HTTP call per step
+        seed=params.base.seed,
+        data_seed=params.base.seed,
+        bf16=ctx.cuda,  # the configs default to bf16, which fails on CPU
+        gradient_checkpointing=tp.gradient_checkpointing,
+        optim="paged_adamw_8bit" if ctx.use_4bit else "adamw_torch",
+        # real tokens only: padded batches count their attention mask; a padding-free batch has no padding
+        # ("non_padding" would miss real tokens equal to the pad id, which is <|im_end|> for SmolLM2)
+        include_num_input_tokens_seen="all" if stage == "sft" and (tp.padding_free or tp.packing) else "non_padding",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    truncated = 0
+    if stage == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        dataset, truncated = sft_dataset(ctx.tok, records, tp.max_length, tp.assistant_only_loss, ctx.model_path)
+        if truncated:
+            log.warning("train: %d of %d records longer than train.max_length=%d tokens were cut to it",
+                        truncated, len(records), tp.max_length)
+        padding_free = tp.padding_free or tp.packing
+        cfg = SFTConfig(**common, num_train_epochs=tp.epochs, max_steps=tp.max_steps, learning_rate=tp.learning_rate,
+                        packing=tp.packing, padding_free=padding_free,
+                        # already cut above; packing uses max_length as its block size
+                        max_length=tp.max_length if tp.packing else None)
+        trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=ctx.tok,
+                             peft_config=peft_config)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
+        cfg = DPOConfig(**common, num_train_epochs=tp.dpo_epochs, max_steps=tp.dpo_max_steps,
+                        learning_rate=tp.dpo_learning_rate, beta=tp.dpo_beta, max_length=tp.max_length)
+        trainer = DPOTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=ctx.tok,
+                             peft_config=peft_config)
+
+    run_name = f"train-{stage}-{ctx.mode}-{params.digest('base', 'train')}"
+    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=run_name,
+                          log_system_metrics=tp.system_metrics) as mrun:
+        mlflow.log_params({**tracking.flat_params(params, "base", "train"), "stage": stage})
+        mlflow.set_tags({"loraflow.mode": ctx.mode, "loraflow.step": "train", "loraflow.stage": stage,
+                         "loraflow.run_key": key, "git_commit": tracking.git_commit() or "",
+                         "data_sha256": ctx.tags["data_sha256"][stage], "quantization": "4bit-nf4" if ctx.use_4bit else "none",
+                         "quantization_reason": ctx.why, "resumed_from_step": str(resumed_from),
+                         **{k: v for k, v in ctx.tags.items() if k.startswith("dvc.")}})
+        callback = training.mlflow_callback(mrun.info.run_id, tp.metrics_flush_every)
+        trainer.add_callback(callback)
+        before = training.base_fingerprint(trainer.model)
+        t0 = time.time()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        seconds = time.time() - t0
+        base_unchanged = training.base_fingerprint(trainer.model) == before
+        if not base_unchanged:
+            raise RuntimeError(f"train {stage}: the base model's weights changed during LoRA training")
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        final = folder / "final"
+        trainer.model.save_pretrained(str(final), selected_adapters=["default"])
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+        tokens = int(trainer.state.num_input_tokens_seen or 0)
+        chart = training.loss_chart(trainer.state.log_history, f"{ctx.mode}: {stage} loss", final / "loss.png")
+        if chart:
+            mlflow.log_artifact(str(chart))
+        res = {
+            "stage": stage,
+            "steps": int(trainer.state.global_step),
+            "epochs": float(trainer.state.epoch or 0),
+            "resumed_from_step": resumed_from,
+            "tokens_seen": tokens,
+            "train_seconds": round(seconds, 2),
+            "tokens_this_run": tokens - tokens_before,
+            "final_loss": history[-1]["loss"] if history else None,
+            "train_loss": result.training_loss,
+            "truncated": truncated,
+            "base_weights_unchanged": base_unchanged,
+            "trainable": trainable,
+            "total": total,
+            "mlflow_run_id": mrun.info.run_id,
+            "mlflow_batches": callback.calls,
+            "adapter_sha256": sha256_file(final / "adapter_model.safetensors"),
+            "checkpoints": folder,
+        }
+        mlflow.log_metrics({"train_seconds": seconds, "train_loss": float(result.training_loss or 0),
+                            "steps": res["steps"]}, step=res["steps"])
+    return res
+
+
+def _finish_mlflow(ctx: _Context, last: dict[str, Any], adapter_dir: Path, info: dict[str, Any]) -> None:
+    """The adapter, train_info and the final numbers go on the last stage's run (the one promote registers)."""
+    import mlflow
+
+    with mlflow.start_run(run_id=last["mlflow_run_id"]):
+        mlflow.log_metrics({"tokens_per_second": float(info["tokens_per_second"] or 0),
+                            "wall_seconds": info["wall_seconds"], "peak_memory_mb": info["peak_memory_mb"],
+                            "tokens_seen": info["tokens_seen"]}, step=info["steps"])
+        mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
+        mlflow.set_tags({"adapter_sha256": info["adapter_sha256"], "train_data_sha256": info["train_data_sha256"],
+                         "chat_template_sha256": info["chat_template_sha256"]})
+
+
+def _template_sha256(tok) -> str:
+    import hashlib
+
+    return hashlib.sha256((tok.chat_template or "").encode()).hexdigest()
+
+
+def _check_validated(report_file: Path, files: list[Path]) -> None:
     """The gate holds even when someone runs train by hand: the report must pass and match the data."""
     if not report_file.exists():
         raise ValidationFailed(f"{report_file}: no validation report; run the validate step first")
     report = read_json(report_file)
     if not report.get("success"):
         raise ValidationFailed(f"{report_file}: the curated data failed validation; see report.html beside it")
-    want = report.get("files", {}).get("train.jsonl")
-    if want != sha256_file(curated_dir / "train.jsonl"):
-        raise ValidationFailed(f"{curated_dir / 'train.jsonl'} changed since it was validated ({report_file}); validate again")
+    for f in files:
+        if not f.exists():
+            raise ValidationFailed(f"{f}: missing; run the curate step first")
+        if report.get("files", {}).get(f.name) != sha256_file(f):
+            raise ValidationFailed(f"{f} changed since it was validated ({report_file}); validate again")
 
 
 def _peak_memory_mb(cuda: bool) -> float:

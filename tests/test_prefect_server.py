@@ -132,7 +132,7 @@ def test_deployments_on_a_real_server_with_workers(project, tracking, tmp_path):
            "PREFECT_WORKER_QUERY_SECONDS": "2"}
     logs = tmp_path / "logs"
     logs.mkdir()
-    overrides = SHRUNK + tracking
+    overrides = SHRUNK + tracking + ["curate.too_long=keep"]  # step 3 adds an over-long record the gate must see
 
     with ExitStack() as stack:
         server = stack.enter_context(_process(

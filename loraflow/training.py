@@ -1,0 +1,152 @@
+"""What the train step needs around trl: loss masks, resumable checkpoints, batched MLflow logging, a loss chart.
+
+Kept apart from steps/train.py so each piece is testable without a training run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from loraflow.config import Params
+
+log = logging.getLogger(__name__)
+
+# train params that change how a run is carried out or logged, not the weights it produces
+OPERATIONAL = ("checkpoint_dir", "keep_checkpoints", "save_steps", "logging_steps", "system_metrics",
+               "metrics_flush_every")
+
+
+def run_key(params: Params, stage: str, *data_sha256: str) -> str:
+    """Identity of one training stage: what decides its weights (train params, base model, seed, data).
+
+    Checkpoints are kept under this key, so a re-run resumes only a run that would produce the same adapter.
+    """
+    train = {k: v for k, v in params.to_dict()["train"].items() if k not in OPERATIONAL}
+    ident = {"stage": stage, "train": train, "model": params.base.model, "seed": params.base.seed,
+             "data": list(data_sha256)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint in `folder`, or None.
+
+    transformers writes trainer_state.json last, so a checkpoint cut off mid-write (a kill during the save)
+    lacks it, or holds a torn one, and is skipped.
+    """
+    found = []
+    for d in Path(folder).glob("checkpoint-*"):
+        m = _CHECKPOINT.match(d.name)
+        state = d / "trainer_state.json"
+        if not (m and d.is_dir() and state.exists()):
+            continue
+        try:
+            json.loads(state.read_text())
+        except ValueError:
+            continue
+        found.append((int(m.group(1)), d))
+    return max(found)[1] if found else None
+
+
+def remove_checkpoints(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = Path(folder).parent
+    if parent.exists() and not any(parent.iterdir()):
+        parent.rmdir()
+
+
+def base_fingerprint(model) -> dict[str, tuple[float, float]]:
+    """Per frozen (non-LoRA) tensor: its sum and sum of squares in float64. Cheap enough for 7B models, and
+    any update an optimizer makes shows in it; compared before and after training to prove the base untouched."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if "lora_" in name or t.device.type == "meta":
+                continue
+            d = t.detach().double() if t.dtype.is_floating_point else t.detach().to(torch.float64)
+            out[name.replace(".base_layer", "")] = (float(d.sum()), float((d * d).sum()))
+    return out
+
+
+def mlflow_callback(run_id: str, flush_every: int):
+    """A TrainerCallback sending loss, learning rate, grad norm, tokens/s (and DPO's rewards) to MLflow in
+    batches: one `log_batch` call per `flush_every` log events and one at the end, never one per step."""
+    import mlflow
+    from mlflow.entities import Metric
+    from transformers import TrainerCallback
+
+    class MlflowBatchLogger(TrainerCallback):
+        def __init__(self) -> None:
+            self.client = mlflow.MlflowClient()
+            self.buffer: list[Metric] = []
+            self.events = 0
+            self.calls = 0
+            self.last: tuple[float, int] | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            now = time.time()
+            ms = int(now * 1000)
+            step = int(state.global_step)
+            for k, v in (logs or {}).items():
+                if isinstance(v, (int, float)) and not k.startswith(("train_", "total_flos")):
+                    self.buffer.append(Metric(k.replace("rewards/", "rewards_"), float(v), ms, step))
+            tokens = int(state.num_input_tokens_seen or 0)
+            if self.last is not None and tokens > self.last[1] and now > self.last[0]:
+                self.buffer.append(Metric("tokens_per_second", (tokens - self.last[1]) / (now - self.last[0]), ms, step))
+            self.last = (now, tokens)
+            self.events += 1
+            if self.events % flush_every == 0:
+                self.flush()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = (time.time(), int(state.num_input_tokens_seen or 0))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.flush()
+
+        def flush(self) -> None:
+            while self.buffer:
+                chunk, self.buffer = self.buffer[:1000], self.buffer[1000:]
+                self.client.log_batch(run_id, metrics=chunk, synchronous=True)
+                self.calls += 1
+
+    return MlflowBatchLogger()
+
+
+def loss_chart(history: list[dict[str, Any]], title: str, path: Path) -> Path | None:
+    """A PNG of training loss (and learning rate) per step; None when nothing was logged."""
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=3, label="training loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    lr = [(h["step"], h["learning_rate"]) for h in history if "learning_rate" in h and "loss" in h]
+    if lr:
+        ax2 = ax.twinx()
+        ax2.plot([s for s, _ in lr], [v for _, v in lr], color="tab:gray", linewidth=1, label="learning rate")
+        ax2.set_ylabel("learning rate", color="tab:gray")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})  # no version string: same history -> same bytes
+    plt.close(fig)
+    return path
