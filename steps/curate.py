@@ -143,26 +143,24 @@ def _tokenizer(model: str, cache: str, trust_remote_code: bool):
 class Lengths:
     """Token counts under the base model's chat template, computed only where they decide something.
 
-    Tokenizing every conversation costs ~130 us each here and dominated the step. For byte-level BPE
-    tokenizers (no normalizer) every token is at least one byte, so a conversation whose rendered UTF-8
-    size is within max_seq_len fits without being tokenized. The rendered size is bounded by the template's
-    bytes with empty contents (rendered once per role sequence) plus the contents' bytes; the bound is
-    checked against one real rendering per role sequence and dropped for templates that repeat contents.
+    Counting is exact but not free (loraflow/tokens.py makes it ~10 us a conversation where it can). For
+    byte-level BPE tokenizers (no normalizer) every token is at least one byte, so a conversation whose
+    rendered UTF-8 size is within max_seq_len fits without being counted. The rendered size is bounded by
+    the template's bytes with empty contents (rendered once per role sequence) plus the contents' bytes; the
+    bound is checked against one real rendering per role sequence and dropped for templates that repeat
+    contents.
     """
 
     def __init__(self, params: Params):
+        from loraflow.tokens import ChatTokens
+
         self.tok = _tokenizer(params.base.model, params.base.model_cache, params.base.trust_remote_code)
+        self.chat = ChatTokens(self.tok)
         backend = getattr(self.tok, "backend_tokenizer", None)
         self.byte_level = (backend is not None and backend.normalizer is None
                            and "ByteLevel" in repr(backend.pre_tokenizer))
         self.limit = params.base.max_seq_len
         self._overhead: dict[tuple[str, ...], int | None] = {}
-
-    def _render(self, msgs: Messages) -> str | None:
-        try:
-            return self.tok.apply_chat_template(msgs, tokenize=False)
-        except Exception:  # noqa: BLE001 - any template error means "cannot render"
-            return None
 
     def bound(self, msgs: Messages) -> int | None:
         """An upper bound on the token count, or None when none is cheap."""
@@ -171,8 +169,8 @@ class Lengths:
         roles = tuple(m["role"] for m in msgs)
         content = sum(len(m["content"].encode()) for m in msgs)
         if roles not in self._overhead:
-            empty = self._render([{"role": m["role"], "content": ""} for m in msgs])
-            real = self._render(msgs)
+            empty = self.chat.render([{"role": m["role"], "content": ""} for m in msgs])
+            real = self.chat.render(msgs)
             over = len(empty.encode()) if empty is not None else None
             if over is not None and (real is None or len(real.encode()) > over + content):
                 over = None  # the template repeats or rewrites contents: no bound from it
@@ -181,16 +179,8 @@ class Lengths:
         return None if over is None else over + content
 
     def count(self, convs: list[Messages]) -> list[int | None]:
-        """Exact counts, as loraflow.models.chat_token_lengths (validation) gives them, at half its cost:
-        the Rust encoder's encodings are measured directly instead of converted to Python lists first."""
-        backend = getattr(self.tok, "backend_tokenizer", None)
-        if backend is None:
-            from loraflow.models import chat_token_lengths
-
-            return chat_token_lengths(self.tok, convs)
-        texts = [self._render(c) for c in convs]
-        enc = iter(backend.encode_batch([t for t in texts if t is not None], add_special_tokens=False))
-        return [len(next(enc)) if t is not None else None for t in texts]
+        """Exact counts, as loraflow.models.chat_token_lengths (validation) gives them."""
+        return self.chat.count(convs)
 
     def truncate(self, msgs: Messages, n: int) -> Messages | None:
         """Drop trailing exchanges, then cut the last answer, until the conversation fits; None if it cannot."""
