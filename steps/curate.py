@@ -51,8 +51,20 @@ _TRAILING_WS = re.compile(r"[ \t]+\n")
 _INNER_WS = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
 _BLANK_LINES = re.compile(r"\n{3,}")
 # Every PII kind needs an '@', a run of 7+ digits and separators, or a hex pair around ':' (IPv6):
-# texts without one skip the six patterns.
-_MAYBE_PII = re.compile(r"@|\d[\d.\-/ ()]{5,}\d|[0-9a-fA-F]:[0-9a-fA-F]")
+# texts without one skip the six patterns. (Separate searches: Python's re tries every alternative of
+# an alternation at every position, several times slower.)
+_DIGIT_RUN = re.compile(r"\d[\d.\-/ ()]{5,}\d")
+_HEX_COLON = re.compile(r"[0-9a-fA-F]:[0-9a-fA-F]")
+_CTRL_OR_CR = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff]")  # _CTRL and \r (\x0d)
+
+
+def _maybe_pii(text: str) -> bool:
+    return "@" in text or bool(_DIGIT_RUN.search(text)) or (":" in text and bool(_HEX_COLON.search(text)))
+
+
+def _untidy(text: str) -> bool:
+    """Whether the carriage-return, control-character or whitespace passes of normalise() would change it."""
+    return "\t" in text or "  " in text or " \n" in text or "\n\n\n" in text or bool(_CTRL_OR_CR.search(text))
 
 
 def normalise(text: str, html: bool, fixes: Counter) -> str:
@@ -72,6 +84,8 @@ def normalise(text: str, html: bool, fixes: Counter) -> str:
                 fixes["mojibake"] += 1
                 text = fixed
         text = unicodedata.normalize("NFC", text).replace("\u00a0", " ")
+    if not _untidy(text):  # most texts: nothing below would change them
+        return text.strip()
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if _CTRL.search(text):
@@ -277,6 +291,7 @@ def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str,
               label: str | None = None, force: str | None = None) -> list[Raw]:
     """Read, convert, normalise, scrub and check every record of every file."""
     kinds = [k for k in pii.KINDS if getattr(params.curate.pii, k)]
+    memo: dict[bool, dict[str, tuple]] = {False: {}, True: {}}  # (html?) -> text -> cleaned, fixes, pii
     raws: list[Raw] = []
     for path in files:
         # "<mode>/<file>": stable whatever the working directory, so re-runs are byte-identical.
@@ -294,7 +309,7 @@ def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str,
                         raise rec
                     conv = convert(rec, opts)
                     raw.format = conv.format
-                    _normalise(conv, kinds, st)
+                    _normalise(conv, kinds, st, memo)
                     for msgs in conv.conversations:
                         check_structure(msgs)
                     for p in conv.prefs:
@@ -317,13 +332,25 @@ def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str,
     return raws
 
 
-def _normalise(conv: Converted, kinds: list[str], st: SourceStats) -> None:
+def _normalise(conv: Converted, kinds: list[str], st: SourceStats, memo: dict[bool, dict[str, tuple]]) -> None:
+    # Texts repeat (a system prompt on every record, duplicates): each distinct one is cleaned once, and
+    # its fixes and PII counts are replayed wherever it occurs again.
+    seen = memo[conv.html]
+
     def fix(msgs: Messages) -> Messages:
         out = []
         for m in msgs:
-            text = normalise(m["content"], conv.html, st.fixes)
-            if kinds and _MAYBE_PII.search(text):
-                text, found = pii.scrub(text, kinds)
+            done = seen.get(m["content"])
+            if done is None:
+                fixes: Counter = Counter()
+                text, found = normalise(m["content"], conv.html, fixes), None
+                if kinds and _maybe_pii(text):
+                    text, found = pii.scrub(text, kinds)
+                done = seen[m["content"]] = (text, fixes or None, found)
+            text, fixes, found = done
+            if fixes:
+                st.fixes.update(fixes)
+            if found:
                 st.pii.update(found)
             out.append({"role": m["role"], "content": text})
         return out
