@@ -13,9 +13,11 @@ near twin in train.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
+import gc
 import hashlib
 import logging
 import re
@@ -461,6 +463,21 @@ def _pref_record(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
             "source": it.raw.source, "meta": meta}
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    # The step allocates a few objects per record and frees almost none before it ends, so the cyclic
+    # collector would walk all of them again and again: ~20% of a 100,000-record run. The Raw <-> Item
+    # cycles it leaves are collected once the collector is back on.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_gc_paused()
 def run(params: Params, raw_dir: Path, out_dir: Path, feedback_dir: Path | None = None) -> dict[str, Any]:
     """Curate every file under `raw_dir` (and users' feedback on served answers, if given) into `out_dir`.
 
