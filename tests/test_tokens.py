@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -72,7 +73,9 @@ def test_chunked_counts_equal_the_encoder(tok):
     texts = [_text(rng, 200) for _ in range(1500)] + ["", " ", "  ", " a", "a ", "a  b", "\n a", "<|im_end|> x"]
     texts += [chat.render(m) for m in _conversations(rng, 300)]
     want = _encode_lengths(tok, texts)
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
     assert chat.count_texts(texts) == want
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == before  # on only during the encoder's calls
     assert chat.count_texts(texts[::-1]) == want[::-1]  # from the cache this time
     # Both ways of cutting were exercised: at every space, and only where a space follows a non-space.
     assert chat._spaced and any("  " in t for t in texts)
