@@ -317,7 +317,7 @@ def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str,
                     for p in conv.prefs:
                         check_pref(p)
                 except Reject as e:
-                    raw.reject = e
+                    raw.reject = e.with_traceback(None)  # the traceback holds this frame, so every record
                     continue
                 except (TypeError, ValueError, KeyError, AttributeError) as e:
                     # A shape no reader anticipated: still one quarantined record, never a crashed run.
@@ -556,6 +556,8 @@ def run(params: Params, raw_dir: Path, out_dir: Path, feedback_dir: Path | None 
     t = summary["totals"]
     log.info("curate: %d read -> %d curated (%d train / %d eval / %d prefs), %d duplicates merged, %d quarantined",
              t["read"], t["curated"], len(train), len(evals), len(prefs), t["duplicates"], t["quarantined"])
+    for raw in raws:  # no Raw <-> Item cycles left: reference counting frees the run's objects on return
+        raw.items = []
     return summary
 
 
