@@ -31,7 +31,7 @@ from loraflow import pii
 from loraflow.config import Params, SourceSpec, load_params
 from loraflow.errors import CurationError
 from loraflow.formats import Converted, Messages, Options, Pref, Reject, as_read, convert, html_to_text, read
-from loraflow.io import atomic_dir, dumps, sha256_file, write_json, write_jsonl
+from loraflow.io import atomic_dir, dumps, sha256_file, write_json, write_jsonl, write_text
 from loraflow.stepcli import step_errors, step_parser
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,11 @@ def check_pref(p: Pref) -> None:
 
 
 def record_id(obj: Any) -> str:
-    return hashlib.sha256(dumps(obj).encode()).hexdigest()[:16]
+    return _id_of(dumps(obj))
+
+
+def _id_of(canonical_json: str) -> str:
+    return hashlib.sha256(canonical_json.encode()).hexdigest()[:16]
 
 
 def in_eval(rid: str, fraction: float) -> bool:
@@ -265,6 +269,7 @@ class Item:
 
     raw: Raw
     messages: Messages | None = None
+    messages_json: str = ""  # dumps(messages): hashed for the id, then reused in the output line
     pref: Pref | None = None
     id: str = ""
     n_tokens: int | None = None
@@ -399,8 +404,11 @@ def _dedup(params: Params, raws: list[Raw]) -> tuple[list[Item], list[Item]]:
     kept_prefs: list[Item] = []
     for raw in raws:
         for it in raw.items:
-            it.id = record_id(it.messages if it.messages is not None else
-                              {"prompt": it.pref.prompt, "chosen": it.pref.chosen, "rejected": it.pref.rejected})
+            if it.messages is not None:
+                it.messages_json = dumps(it.messages)
+                it.id = _id_of(it.messages_json)
+            else:
+                it.id = record_id({"prompt": it.pref.prompt, "chosen": it.pref.chosen, "rejected": it.pref.rejected})
             if it.id in seen:
                 it.outcome, it.twin = "duplicate", seen[it.id]
                 continue
@@ -450,11 +458,13 @@ def _meta(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
     return meta
 
 
-def _sft_record(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
+def _sft_line(it: Item, dups: dict[int, dict[str, list[str]]]) -> str:
+    """dumps({"id", "messages", "meta", "source"}), byte for byte, with the messages' JSON made once (for the id)."""
     meta = _meta(it, dups)
     if it.truncated:
         meta["truncated"] = True
-    return {"id": it.id, "messages": it.messages, "source": it.raw.source, "meta": meta}
+    # json.dumps(sort_keys=True) writes the keys in this order with ", " and ": " between them.
+    return f'{{"id": {dumps(it.id)}, "messages": {it.messages_json}, "meta": {dumps(meta)}, "source": {dumps(it.raw.source)}}}'
 
 
 def _pref_record(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
@@ -521,8 +531,9 @@ def run(params: Params, raw_dir: Path, out_dir: Path, feedback_dir: Path | None 
                     kept_twin, key = kept_twin.twin, "near_duplicates"
                 dups.setdefault(id(kept_twin), {"duplicates": [], "near_duplicates": []})[key].append(raw.source)
     fraction = params.curate.eval_fraction
-    train = [_sft_record(it, dups) for it in kept if not in_eval(it.id, fraction)]
-    evals = [_sft_record(it, dups) for it in kept if in_eval(it.id, fraction)]
+    held_out = [in_eval(it.id, fraction) for it in kept]
+    train = [_sft_line(it, dups) for it, e in zip(kept, held_out, strict=True) if not e]
+    evals = [_sft_line(it, dups) for it, e in zip(kept, held_out, strict=True) if e]
 
     # Percentiles over a stable sample (the smallest ids): exact for the records counted already.
     sample = sorted(kept, key=lambda it: it.id)[:params.curate.length_stats_sample or None]
@@ -533,8 +544,8 @@ def run(params: Params, raw_dir: Path, out_dir: Path, feedback_dir: Path | None 
     token_lengths["counted"] = len(sample)
 
     with atomic_dir(out_dir) as tmp:
-        write_jsonl(tmp / "train.jsonl", train)
-        write_jsonl(tmp / "eval.jsonl", evals)
+        write_text(tmp / "train.jsonl", "".join(line + "\n" for line in train))
+        write_text(tmp / "eval.jsonl", "".join(line + "\n" for line in evals))
         write_jsonl(tmp / "prefs.jsonl", [_pref_record(it, dups) for it in prefs])
         write_jsonl(tmp / "quarantine.jsonl", quarantine)
         fields = ("read", "curated", "duplicates", "quarantined")
