@@ -544,8 +544,8 @@ def run(params: Params, raw_dir: Path, out_dir: Path, feedback_dir: Path | None 
     token_lengths["counted"] = len(sample)
 
     with atomic_dir(out_dir) as tmp:
-        write_text(tmp / "train.jsonl", "".join(line + "\n" for line in train))
-        write_text(tmp / "eval.jsonl", "".join(line + "\n" for line in evals))
+        for name, lines in (("train.jsonl", train), ("eval.jsonl", evals)):
+            write_text(tmp / name, "\n".join(lines) + "\n" if lines else "")
         write_jsonl(tmp / "prefs.jsonl", [_pref_record(it, dups) for it in prefs])
         write_jsonl(tmp / "quarantine.jsonl", quarantine)
         fields = ("read", "curated", "duplicates", "quarantined")
