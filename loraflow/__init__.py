@@ -2,6 +2,10 @@
 
 import os
 
+# The Rust tokenizer's thread pool stays off unless the user says otherwise: a process that forks after it
+# ran warns in every child. loraflow.tokens turns it on around its own batch calls when this is False.
+TOKENIZERS_PARALLELISM_CHOSEN = "TOKENIZERS_PARALLELISM" in os.environ
+
 # Set before transformers / huggingface_hub / prefect / mlflow are imported (they read these at import).
 # Offline by default: the embedded models need no hub, and a hub lookup offline costs ~46 s of retries.
 # Set HF_HUB_OFFLINE=0 to pull a hub id as base.model or evaluate.bertscore_model.

@@ -13,9 +13,11 @@ near twin in train.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
+import gc
 import hashlib
 import logging
 import re
@@ -29,7 +31,7 @@ from loraflow import pii
 from loraflow.config import Params, SourceSpec, load_params
 from loraflow.errors import CurationError
 from loraflow.formats import Converted, Messages, Options, Pref, Reject, as_read, convert, html_to_text, read
-from loraflow.io import atomic_dir, dumps, sha256_file, write_json, write_jsonl
+from loraflow.io import atomic_dir, dumps, sha256_file, write_json, write_jsonl, write_text
 from loraflow.stepcli import step_errors, step_parser
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,20 @@ _TRAILING_WS = re.compile(r"[ \t]+\n")
 _INNER_WS = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
 _BLANK_LINES = re.compile(r"\n{3,}")
 # Every PII kind needs an '@', a run of 7+ digits and separators, or a hex pair around ':' (IPv6):
-# texts without one skip the six patterns.
-_MAYBE_PII = re.compile(r"@|\d[\d.\-/ ()]{5,}\d|[0-9a-fA-F]:[0-9a-fA-F]")
+# texts without one skip the six patterns. (Separate searches: Python's re tries every alternative of
+# an alternation at every position, several times slower.)
+_DIGIT_RUN = re.compile(r"\d[\d.\-/ ()]{5,}\d")
+_HEX_COLON = re.compile(r"[0-9a-fA-F]:[0-9a-fA-F]")
+_CTRL_OR_CR = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff]")  # _CTRL and \r (\x0d)
+
+
+def _maybe_pii(text: str) -> bool:
+    return "@" in text or bool(_DIGIT_RUN.search(text)) or (":" in text and bool(_HEX_COLON.search(text)))
+
+
+def _untidy(text: str) -> bool:
+    """Whether the carriage-return, control-character or whitespace passes of normalise() would change it."""
+    return "\t" in text or "  " in text or " \n" in text or "\n\n\n" in text or bool(_CTRL_OR_CR.search(text))
 
 
 def normalise(text: str, html: bool, fixes: Counter) -> str:
@@ -72,6 +86,8 @@ def normalise(text: str, html: bool, fixes: Counter) -> str:
                 fixes["mojibake"] += 1
                 text = fixed
         text = unicodedata.normalize("NFC", text).replace("\u00a0", " ")
+    if not _untidy(text):  # most texts: nothing below would change them
+        return text.strip()
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if _CTRL.search(text):
@@ -123,7 +139,11 @@ def check_pref(p: Pref) -> None:
 
 
 def record_id(obj: Any) -> str:
-    return hashlib.sha256(dumps(obj).encode()).hexdigest()[:16]
+    return _id_of(dumps(obj))
+
+
+def _id_of(canonical_json: str) -> str:
+    return hashlib.sha256(canonical_json.encode()).hexdigest()[:16]
 
 
 def in_eval(rid: str, fraction: float) -> bool:
@@ -143,26 +163,24 @@ def _tokenizer(model: str, cache: str, trust_remote_code: bool):
 class Lengths:
     """Token counts under the base model's chat template, computed only where they decide something.
 
-    Tokenizing every conversation costs ~130 us each here and dominated the step. For byte-level BPE
-    tokenizers (no normalizer) every token is at least one byte, so a conversation whose rendered UTF-8
-    size is within max_seq_len fits without being tokenized. The rendered size is bounded by the template's
-    bytes with empty contents (rendered once per role sequence) plus the contents' bytes; the bound is
-    checked against one real rendering per role sequence and dropped for templates that repeat contents.
+    Counting is exact but not free (loraflow/tokens.py makes it ~10 us a conversation where it can). For
+    byte-level BPE tokenizers (no normalizer) every token is at least one byte, so a conversation whose
+    rendered UTF-8 size is within max_seq_len fits without being counted. The rendered size is bounded by
+    the template's bytes with empty contents (rendered once per role sequence) plus the contents' bytes; the
+    bound is checked against one real rendering per role sequence and dropped for templates that repeat
+    contents.
     """
 
     def __init__(self, params: Params):
+        from loraflow.tokens import ChatTokens
+
         self.tok = _tokenizer(params.base.model, params.base.model_cache, params.base.trust_remote_code)
+        self.chat = ChatTokens(self.tok)
         backend = getattr(self.tok, "backend_tokenizer", None)
         self.byte_level = (backend is not None and backend.normalizer is None
                            and "ByteLevel" in repr(backend.pre_tokenizer))
         self.limit = params.base.max_seq_len
         self._overhead: dict[tuple[str, ...], int | None] = {}
-
-    def _render(self, msgs: Messages) -> str | None:
-        try:
-            return self.tok.apply_chat_template(msgs, tokenize=False)
-        except Exception:  # noqa: BLE001 - any template error means "cannot render"
-            return None
 
     def bound(self, msgs: Messages) -> int | None:
         """An upper bound on the token count, or None when none is cheap."""
@@ -171,8 +189,8 @@ class Lengths:
         roles = tuple(m["role"] for m in msgs)
         content = sum(len(m["content"].encode()) for m in msgs)
         if roles not in self._overhead:
-            empty = self._render([{"role": m["role"], "content": ""} for m in msgs])
-            real = self._render(msgs)
+            empty = self.chat.render([{"role": m["role"], "content": ""} for m in msgs])
+            real = self.chat.render(msgs)
             over = len(empty.encode()) if empty is not None else None
             if over is not None and (real is None or len(real.encode()) > over + content):
                 over = None  # the template repeats or rewrites contents: no bound from it
@@ -181,16 +199,8 @@ class Lengths:
         return None if over is None else over + content
 
     def count(self, convs: list[Messages]) -> list[int | None]:
-        """Exact counts, as loraflow.models.chat_token_lengths (validation) gives them, at half its cost:
-        the Rust encoder's encodings are measured directly instead of converted to Python lists first."""
-        backend = getattr(self.tok, "backend_tokenizer", None)
-        if backend is None:
-            from loraflow.models import chat_token_lengths
-
-            return chat_token_lengths(self.tok, convs)
-        texts = [self._render(c) for c in convs]
-        enc = iter(backend.encode_batch([t for t in texts if t is not None], add_special_tokens=False))
-        return [len(next(enc)) if t is not None else None for t in texts]
+        """Exact counts, as loraflow.models.chat_token_lengths (validation) gives them."""
+        return self.chat.count(convs)
 
     def truncate(self, msgs: Messages, n: int) -> Messages | None:
         """Drop trailing exchanges, then cut the last answer, until the conversation fits; None if it cannot."""
@@ -259,6 +269,7 @@ class Item:
 
     raw: Raw
     messages: Messages | None = None
+    messages_json: str = ""  # dumps(messages): hashed for the id, then reused in the output line
     pref: Pref | None = None
     id: str = ""
     n_tokens: int | None = None
@@ -287,6 +298,7 @@ def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str,
               label: str | None = None, force: str | None = None) -> list[Raw]:
     """Read, convert, normalise, scrub and check every record of every file."""
     kinds = [k for k in pii.KINDS if getattr(params.curate.pii, k)]
+    memo: dict[bool, dict[str, tuple]] = {False: {}, True: {}}  # (html?) -> text -> cleaned, fixes, pii
     raws: list[Raw] = []
     for path in files:
         # "<mode>/<file>": stable whatever the working directory, so re-runs are byte-identical.
@@ -304,13 +316,13 @@ def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str,
                         raise rec
                     conv = convert(rec, opts)
                     raw.format = conv.format
-                    _normalise(conv, kinds, st)
+                    _normalise(conv, kinds, st, memo)
                     for msgs in conv.conversations:
                         check_structure(msgs)
                     for p in conv.prefs:
                         check_pref(p)
                 except Reject as e:
-                    raw.reject = e
+                    raw.reject = e.with_traceback(None)  # the traceback holds this frame, so every record
                     continue
                 except (TypeError, ValueError, KeyError, AttributeError) as e:
                     # A shape no reader anticipated: still one quarantined record, never a crashed run.
@@ -327,13 +339,25 @@ def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str,
     return raws
 
 
-def _normalise(conv: Converted, kinds: list[str], st: SourceStats) -> None:
+def _normalise(conv: Converted, kinds: list[str], st: SourceStats, memo: dict[bool, dict[str, tuple]]) -> None:
+    # Texts repeat (a system prompt on every record, duplicates): each distinct one is cleaned once, and
+    # its fixes and PII counts are replayed wherever it occurs again.
+    seen = memo[conv.html]
+
     def fix(msgs: Messages) -> Messages:
         out = []
         for m in msgs:
-            text = normalise(m["content"], conv.html, st.fixes)
-            if kinds and _MAYBE_PII.search(text):
-                text, found = pii.scrub(text, kinds)
+            done = seen.get(m["content"])
+            if done is None:
+                counts: Counter = Counter()
+                text, found = normalise(m["content"], conv.html, counts), None
+                if kinds and _maybe_pii(text):
+                    text, found = pii.scrub(text, kinds)
+                done = seen[m["content"]] = (text, counts, found)
+            text, fixed, found = done
+            if fixed:
+                st.fixes.update(fixed)
+            if found:
                 st.pii.update(found)
             out.append({"role": m["role"], "content": text})
         return out
@@ -380,8 +404,11 @@ def _dedup(params: Params, raws: list[Raw]) -> tuple[list[Item], list[Item]]:
     kept_prefs: list[Item] = []
     for raw in raws:
         for it in raw.items:
-            it.id = record_id(it.messages if it.messages is not None else
-                              {"prompt": it.pref.prompt, "chosen": it.pref.chosen, "rejected": it.pref.rejected})
+            if it.messages is not None:
+                it.messages_json = dumps(it.messages)
+                it.id = _id_of(it.messages_json)
+            else:
+                it.id = record_id({"prompt": it.pref.prompt, "chosen": it.pref.chosen, "rejected": it.pref.rejected})
             if it.id in seen:
                 it.outcome, it.twin = "duplicate", seen[it.id]
                 continue
@@ -431,11 +458,13 @@ def _meta(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
     return meta
 
 
-def _sft_record(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
+def _sft_line(it: Item, dups: dict[int, dict[str, list[str]]]) -> str:
+    """dumps({"id", "messages", "meta", "source"}), byte for byte, with the messages' JSON made once (for the id)."""
     meta = _meta(it, dups)
     if it.truncated:
         meta["truncated"] = True
-    return {"id": it.id, "messages": it.messages, "source": it.raw.source, "meta": meta}
+    # json.dumps(sort_keys=True) writes the keys in this order with ", " and ": " between them.
+    return f'{{"id": {dumps(it.id)}, "messages": {it.messages_json}, "meta": {dumps(meta)}, "source": {dumps(it.raw.source)}}}'
 
 
 def _pref_record(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
@@ -444,6 +473,21 @@ def _pref_record(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
             "source": it.raw.source, "meta": meta}
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    # The step allocates a few objects per record and frees almost none before it ends, so the cyclic
+    # collector would walk all of them again and again: ~20% of a 100,000-record run. run() cuts its own
+    # reference cycles before returning, so reference counting frees what it made.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_gc_paused()
 def run(params: Params, raw_dir: Path, out_dir: Path, feedback_dir: Path | None = None) -> dict[str, Any]:
     """Curate every file under `raw_dir` (and users' feedback on served answers, if given) into `out_dir`.
 
@@ -487,8 +531,9 @@ def run(params: Params, raw_dir: Path, out_dir: Path, feedback_dir: Path | None 
                     kept_twin, key = kept_twin.twin, "near_duplicates"
                 dups.setdefault(id(kept_twin), {"duplicates": [], "near_duplicates": []})[key].append(raw.source)
     fraction = params.curate.eval_fraction
-    train = [_sft_record(it, dups) for it in kept if not in_eval(it.id, fraction)]
-    evals = [_sft_record(it, dups) for it in kept if in_eval(it.id, fraction)]
+    held_out = [in_eval(it.id, fraction) for it in kept]
+    train = [_sft_line(it, dups) for it, e in zip(kept, held_out, strict=True) if not e]
+    evals = [_sft_line(it, dups) for it, e in zip(kept, held_out, strict=True) if e]
 
     # Percentiles over a stable sample (the smallest ids): exact for the records counted already.
     sample = sorted(kept, key=lambda it: it.id)[:params.curate.length_stats_sample or None]
@@ -499,8 +544,8 @@ def run(params: Params, raw_dir: Path, out_dir: Path, feedback_dir: Path | None 
     token_lengths["counted"] = len(sample)
 
     with atomic_dir(out_dir) as tmp:
-        write_jsonl(tmp / "train.jsonl", train)
-        write_jsonl(tmp / "eval.jsonl", evals)
+        for name, lines in (("train.jsonl", train), ("eval.jsonl", evals)):
+            write_text(tmp / name, "\n".join(lines) + "\n" if lines else "")
         write_jsonl(tmp / "prefs.jsonl", [_pref_record(it, dups) for it in prefs])
         write_jsonl(tmp / "quarantine.jsonl", quarantine)
         fields = ("read", "curated", "duplicates", "quarantined")
@@ -522,6 +567,8 @@ def run(params: Params, raw_dir: Path, out_dir: Path, feedback_dir: Path | None 
     t = summary["totals"]
     log.info("curate: %d read -> %d curated (%d train / %d eval / %d prefs), %d duplicates merged, %d quarantined",
              t["read"], t["curated"], len(train), len(evals), len(prefs), t["duplicates"], t["quarantined"])
+    for raw in raws:  # no Raw <-> Item cycles left: reference counting frees the run's objects on return
+        raw.items = []
     return summary
 
 

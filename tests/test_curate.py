@@ -84,6 +84,23 @@ def test_rerun_is_byte_identical_and_appending_keeps_splits(tmp_path):
     assert 0 < sum(1 for s in after.values() if s == "eval") < len(after)
 
 
+def test_output_lines_are_canonical_json(tmp_path):
+    """SFT lines are composed from JSON made for the id: they must still be exactly dumps(record)."""
+    from loraflow.io import dumps
+
+    raw = tmp_path / "raw" / "m"
+    long = " ".join(f"Detalhe {i} do relatório de campanha, com \"aspas\" e acentos." for i in range(60))
+    write_jsonl(raw / "a.jsonl", [chat("Quanto é 2+2?", "É 4.", system="Seja breve."), chat("O que é ROAS?", long),
+                                  chat("Quanto é 2+2?", "É 4.", system="Seja breve.")]
+                + [chat(f"Pergunta {i}?", f"Resposta {i}.") for i in range(30)])
+    params = load_params(ROOT / "params.yaml", ["curate.too_long=truncate"])
+    curate.run(params, raw, tmp_path / "out")
+    lines = [line for n in ("train", "eval") for line in (tmp_path / "out" / f"{n}.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in lines]
+    assert [dumps(r) for r in recs] == lines
+    assert any(r["meta"].get("truncated") for r in recs) and any(r["meta"]["duplicates"] for r in recs)
+
+
 def test_nothing_readable_fails_naming_the_folder(tmp_path):
     raw = tmp_path / "raw" / "m"
     raw.mkdir(parents=True)
