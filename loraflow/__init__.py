@@ -20,6 +20,8 @@ for _k, _v in {
     "TOKENIZERS_PARALLELISM": "false",
     # The steps log through the standard logging module; let Prefect show those lines in its UI too.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "steps,loraflow",
+    # ...and stay quiet when a step runs outside a flow (dvc repro, tests): no "without a flow run id" warnings.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }.items():
     os.environ.setdefault(_k, _v)
 
