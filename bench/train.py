@@ -5,7 +5,8 @@
 
 Same model (params.yaml's base.model), same curated sample data (conversations of varied lengths: 60-260
 tokens), same LoRA (r, alpha, dropout, target modules), learning rate, batch size, max length, seed and
-number of optimizer steps. The bare script is what a user writes from trl's docs: conversations as
+number of optimizer steps, gradient checkpointing as params.yaml sets it (trl's SFTConfig default is on, which
+alone costs ~30% on CPU). The bare script is what a user writes from trl's docs: conversations as
 prompt/completion pairs (so the loss is on the answer), padded batches, trl's own tokenization.
 loraflow's runs go through `steps.train.run` whole (MLflow logging, checkpoints every 4 steps and all):
 plain (padded batches, like the bare script), padding-free (the default) and packed.
@@ -52,6 +53,9 @@ def bare_trl(params: Params, records: list[dict], steps: int, work: str) -> tupl
                     learning_rate=tp.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05,
                     max_length=tp.max_length, logging_steps=tp.logging_steps, save_strategy="no", report_to="none",
                     seed=params.base.seed, bf16=False, include_num_input_tokens_seen="non_padding",
+                    # trl's SFTConfig turns gradient checkpointing on by default; the same setting as ours
+                    # (params.yaml: off) keeps this a comparison of the same computation
+                    gradient_checkpointing=tp.gradient_checkpointing,
                     disable_tqdm=True)
     lora = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
                       target_modules=tp.target_modules, task_type="CAUSAL_LM")

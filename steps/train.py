@@ -124,6 +124,7 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
         "loss_mask": "assistant turns + end-of-turn token" if tp.assistant_only_loss else "all tokens",
         "padding_free": tp.padding_free or tp.packing,
         "packing": tp.packing,
+        "batching": results[0]["batching"],
         "truncated_records": sum(r["truncated"] for r in results),
         "trainable_parameters": last["trainable"],
         "total_parameters": last["total"],
@@ -161,6 +162,21 @@ class _Context:
     def __init__(self, params, mode, tok, model_path, use_4bit, why, cuda, experiment_id, tags):
         self.params, self.mode, self.tok, self.model_path = params, mode, tok, model_path
         self.use_4bit, self.why, self.cuda, self.experiment_id, self.tags = use_4bit, why, cuda, experiment_id, tags
+
+
+def micro_batches(batch_size: int, grad_accum: int, packing: bool, attn_implementation: str) -> tuple[int, int, str]:
+    """(sequences per forward pass, gradient accumulation steps, why): the same effective batch either way.
+
+    Padding-free trl flattens a batch into one sequence; attention stays within each example either through
+    varlen kernels (flash attention) or a block-diagonal mask (sdpa, eager). Measured on CPU (bench/train.py):
+    a flattened batch of ~8 examples (~1,200 tokens) is faster than padding, but a flattened batch of 8 packed
+    blocks (~2,600 tokens) is not (the masked attention grows with the square of the length), so without a
+    varlen kernel packed blocks go one per forward pass, accumulated to the batch.
+    """
+    if packing and "flash" not in (attn_implementation or ""):
+        return 1, batch_size * grad_accum, ("packed blocks, one per forward pass, the batch by gradient "
+                                            f"accumulation ({attn_implementation or 'no'} attention has no varlen kernel)")
+    return batch_size, grad_accum, "packed blocks" if packing else "one flattened sequence per batch"
 
 
 def sft_dataset(tok, records: list[dict], max_length: int, assistant_only: bool, model_dir: str | None = None):
@@ -203,10 +219,16 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
     else:
         peft_config = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
                                  target_modules=tp.target_modules, task_type="CAUSAL_LM")
+    padding_free = stage == "sft" and (tp.padding_free or tp.packing)
+    per_forward, accumulate, batching = micro_batches(tp.batch_size, tp.grad_accum, stage == "sft" and tp.packing,
+                                                      getattr(model.config, "_attn_implementation", ""))
+    if not padding_free:
+        batching = "padded batches"
+    log.info("train: %s: %s", stage, batching)
     common = dict(
         output_dir=str(folder),
-        per_device_train_batch_size=tp.batch_size,
-        gradient_accumulation_steps=tp.grad_accum,
+        per_device_train_batch_size=per_forward,
+        gradient_accumulation_steps=accumulate,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,  # a float < 1 is a ratio of the total steps in transformers 5
         logging_steps=tp.logging_steps,
@@ -221,7 +243,7 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
         optim="paged_adamw_8bit" if ctx.use_4bit else "adamw_torch",
         # real tokens only: padded batches count their attention mask; a padding-free batch has no padding
         # ("non_padding" would miss real tokens equal to the pad id, which is <|im_end|> for SmolLM2)
-        include_num_input_tokens_seen="all" if stage == "sft" and (tp.padding_free or tp.packing) else "non_padding",
+        include_num_input_tokens_seen="all" if padding_free else "non_padding",
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
@@ -233,7 +255,6 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
         if truncated:
             log.warning("train: %d of %d records longer than train.max_length=%d tokens were cut to it",
                         truncated, len(records), tp.max_length)
-        padding_free = tp.padding_free or tp.packing
         cfg = SFTConfig(**common, num_train_epochs=tp.epochs, max_steps=tp.max_steps, learning_rate=tp.learning_rate,
                         packing=tp.packing, padding_free=padding_free,
                         # already cut above; packing uses max_length as its block size
@@ -286,6 +307,7 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
             "final_loss": history[-1]["loss"] if history else None,
             "train_loss": result.training_loss,
             "truncated": truncated,
+            "batching": batching,
             "base_weights_unchanged": base_unchanged,
             "trainable": trainable,
             "total": total,

@@ -37,6 +37,15 @@ def test_quantization_choice_says_why():
         choose_quantization("4bit", cuda=False, has_bnb=True)
 
 
+def test_packed_blocks_go_one_per_forward_without_a_varlen_kernel():
+    from steps.train import micro_batches
+
+    assert micro_batches(8, 2, False, "sdpa") == (8, 2, "one flattened sequence per batch")
+    per, acc, why = micro_batches(8, 2, True, "sdpa")
+    assert (per, acc) == (1, 16) and "one per forward pass" in why  # the same 16 blocks per optimizer step
+    assert micro_batches(8, 2, True, "flash_attention_2")[:2] == (8, 2)
+
+
 def test_run_key_follows_weights_not_bookkeeping():
     p = load_params(ROOT / "params.yaml")
     k = training.run_key(p, "sft", "data1")
