@@ -245,6 +245,7 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
         # ("non_padding" would miss real tokens equal to the pad id, which is <|im_end|> for SmolLM2)
         include_num_input_tokens_seen="all" if padding_free else "non_padding",
         dataloader_num_workers=0,
+        dataloader_pin_memory=ctx.cuda,  # pinning needs an accelerator; on CPU it only warns
         disable_tqdm=True,
     )
     truncated = 0

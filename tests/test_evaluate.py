@@ -167,7 +167,7 @@ def _check_common(m: dict, out: Path, guard: Path) -> None:
 def _mlflow_run(tmp_path: Path, run_id: str):
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(run_id)
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
     return run, artifacts

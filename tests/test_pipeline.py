@@ -30,9 +30,11 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _registry(project: Path):
+    # registry_uri too: without it MlflowClient uses the process-wide registry URI, which an earlier test's
+    # in-process step set (tracking.use) to that test's database
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}", registry_uri=f"sqlite:///{project / 'mlflow.db'}")
     return client
 
 

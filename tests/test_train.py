@@ -92,8 +92,10 @@ def test_loss_mask_covers_every_assistant_turn_and_its_end_of_turn_only():
 # --- slow: real training ------------------------------------------------------------------------------------
 
 def _env() -> dict[str, str]:
+    # MLflow samples system metrics every 10 s by default: a 3-step run can end before the first sample.
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1"}
 
 
 def _prepared(project: Path, overrides: list[str]) -> Path:
@@ -146,7 +148,7 @@ def test_lora_weights_move_base_stays_and_one_seed_gives_one_adapter(project):
     assert (adapter / "loss.png").read_bytes()[:4] == b"\x89PNG" and (adapter / "tokenizer_config.json").exists()
     assert not (project / ".checkpoints" / MODE).exists()  # removed once the run finished
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}", registry_uri=f"sqlite:///{project / 'mlflow.db'}")
     run = client.get_run(info["mlflow_run_id"])
     assert run.data.tags["loraflow.stage"] == "sft" and run.data.tags["data_sha256"] == info["train_data_sha256"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
@@ -189,7 +191,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(project):
 
     info = _train(project)
     assert info["steps"] == 6 and info["resumed_from_step"]["sft"] == cut
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}", registry_uri=f"sqlite:///{project / 'mlflow.db'}")
     steps = [m.step for m in client.get_metric_history(info["mlflow_run_id"], "loss")]
     assert steps == list(range(cut + 1, 7))  # the resumed run trained only what was left
     assert client.get_run(info["mlflow_run_id"]).data.tags["resumed_from_step"] == str(cut)
@@ -210,7 +212,7 @@ def test_sft_then_dpo_on_preference_pairs_gives_an_adapter_and_its_own_run(proje
     sft_sha = info["stages"][0]["adapter_sha256"]
     assert info["adapter_sha256"] == info["stages"][1]["adapter_sha256"] != sft_sha  # DPO moved the SFT adapter
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}", registry_uri=f"sqlite:///{project / 'mlflow.db'}")
     sft, dpo = (client.get_run(info["mlflow_run_ids"][s]) for s in ("sft", "dpo"))
     assert sft.info.run_id != dpo.info.run_id and dpo.info.run_id == info["mlflow_run_id"]
     assert dpo.data.tags["loraflow.stage"] == "dpo" and "rewards_accuracies" in dpo.data.metrics
