@@ -69,10 +69,7 @@ def template_facts(tok, conversations: list[list[dict]], eot_ids: set[int]) -> l
                 row["detail"]["assistant_spans"] = f"messages[{turn.index}]: no token covers the assistant content"
                 break
             if turn.eot is None:
-                nxt = turn.last + 1
-                while nxt < len(ids) and not text[offsets[nxt][0]:offsets[nxt][1]].strip():
-                    nxt += 1
-                got = tok.convert_ids_to_tokens(ids[nxt]) if nxt < len(ids) else "end of text"
+                got = tok.convert_ids_to_tokens(ids[turn.after]) if turn.after < len(ids) else "end of text"
                 row["ends_with_eot"] = False
                 row["detail"]["turns_end_with_eos"] = f"messages[{turn.index}]: followed by {got!r}, not an end-of-turn token ({eot_text})"
         out.append(row)
@@ -84,7 +81,8 @@ class AssistantTurn:
     index: int  # position in messages
     first: int  # first token of the content
     last: int  # last token of the content
-    eot: int | None  # the end-of-turn token closing it, if one follows (whitespace between is allowed)
+    after: int  # the first token after the content that is not whitespace (len(ids) at the end)
+    eot: int | None  # that token's index when it ends the turn, else None
     problem: str | None = None  # "not found" | "no token"
 
 
@@ -106,18 +104,18 @@ def assistant_turns(text: str, ids: list[int], offsets: list[tuple[int, int]], m
             pos = at + len(content) if at >= 0 else pos
             continue
         if at < 0:
-            yield AssistantTurn(k, -1, -1, None, "not found")
+            yield AssistantTurn(k, -1, -1, -1, None, "not found")
             return
         pos = at + len(content)
         first = bisect_right(ends, at)  # first token ending after the span starts
         last = bisect_left(starts, pos) - 1  # last token starting before the span ends
         if first > last:
-            yield AssistantTurn(k, first, last, None, "no token")
+            yield AssistantTurn(k, first, last, -1, None, "no token")
             return
         nxt = last + 1
         while nxt < len(ids) and not text[starts[nxt]:ends[nxt]].strip() and ids[nxt] not in eot_ids:
             nxt += 1  # a newline between the content and the end-of-turn token is harmless
-        yield AssistantTurn(k, first, last, nxt if nxt < len(ids) and ids[nxt] in eot_ids else None)
+        yield AssistantTurn(k, first, last, nxt, nxt if nxt < len(ids) and ids[nxt] in eot_ids else None)
 
 
 def assistant_masks(tok, conversations: list[list[dict]], eot_ids: set[int]) -> list[tuple[list[int], list[int]]]:

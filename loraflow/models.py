@@ -147,3 +147,11 @@ def chat_token_lengths(tok, conversations: list[list[dict]]) -> list[int | None]
     ok = [t for t in texts if t is not None]
     ids = iter(tok(ok, add_special_tokens=False)["input_ids"]) if ok else iter(())
     return [len(next(ids)) if t is not None else None for t in texts]
+
+
+def template_sha256(tok) -> str:
+    """Hash of the tokenizer's chat template: validate, train and evaluate record it so serving can prove it
+    renders conversations the way training did."""
+    import hashlib
+
+    return hashlib.sha256((tok.chat_template or "").encode()).hexdigest()

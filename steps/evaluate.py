@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from loraflow import tracking
+from loraflow import models, tracking
 from loraflow.config import EvaluateParams, Params, load_params, registered_model_name
 from loraflow.errors import EvalSetError
 from loraflow.io import read_json, read_jsonl, sha256_file, write_bytes, write_json, write_jsonl, write_text
@@ -389,7 +389,7 @@ def run(params: Params, mode: str, eval_file: Path, adapter_dir: Path, out_dir: 
         "generation": {
             **g0.settings, "greedy": True,
             "stop_tokens": tok.convert_ids_to_tokens(stop_ids),
-            "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
+            "chat_template_sha256": models.template_sha256(tok),
             "prompts_sha256": g0.prompts_sha256, "prompts": len(prompts),
             "per_model": {n: {"prompts_sha256": g.prompts_sha256, "settings_sha256": _sha(g.settings),
                               "seconds": round(g.seconds, 2), "new_tokens": sum(g.new_tokens),

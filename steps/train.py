@@ -66,7 +66,7 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
     import torch
     from transformers import set_seed
 
-    from loraflow.models import device, load_tokenizer, resolve
+    from loraflow.models import device, load_tokenizer, resolve, template_sha256
 
     tp = params.train
     curated_dir, adapter_dir = Path(curated_dir), Path(adapter_dir)
@@ -131,7 +131,7 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
         "train_data_sha256": ctx.tags["data_sha256"].get("sft", ""),
         "prefs_data_sha256": ctx.tags["data_sha256"].get("dpo", ""),
         "dvc_curated_md5": ctx.tags.get("dvc.curated_md5"),
-        "chat_template_sha256": _template_sha256(tok),
+        "chat_template_sha256": template_sha256(tok),
         "seed": params.base.seed,
         "params": params.to_dict()["train"],
         "stages": [{k: v for k, v in r.items() if k not in ("checkpoints",)} for r in results],
@@ -333,12 +333,6 @@ def _finish_mlflow(ctx: _Context, last: dict[str, Any], adapter_dir: Path, info:
         mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
         mlflow.set_tags({"adapter_sha256": info["adapter_sha256"], "train_data_sha256": info["train_data_sha256"],
                          "chat_template_sha256": info["chat_template_sha256"]})
-
-
-def _template_sha256(tok) -> str:
-    import hashlib
-
-    return hashlib.sha256((tok.chat_template or "").encode()).hexdigest()
 
 
 def _check_validated(report_file: Path, files: list[Path]) -> None:

@@ -14,14 +14,13 @@ output, so it survives the stage re-running).
 
 from __future__ import annotations
 
-import hashlib
 import html
 import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loraflow import checks, pii
+from loraflow import checks, models, pii
 from loraflow.config import Params, load_params
 from loraflow.errors import ValidationFailed
 from loraflow.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json, write_text
@@ -294,7 +293,7 @@ def run(params: Params, curated_dir: Path, out_dir: Path, profile_file: Path | N
     tok = load_tokenizer(model_dir, params.base.trust_remote_code)
     eot = checks.end_of_turn_ids(tok, model_dir)
     data = {s: read_jsonl(curated_dir / f"{s}.jsonl") if (curated_dir / f"{s}.jsonl").exists() else [] for s in SPLITS}
-    template_sha = hashlib.sha256((tok.chat_template or "").encode()).hexdigest()
+    template_sha = models.template_sha256(tok)
 
     tables: dict[str, list[dict]] = {}
     for s in ("train", "eval"):

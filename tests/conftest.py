@@ -19,7 +19,8 @@ for _k in ("PREFECT_API_URL", "PREFECT_API_KEY"):
     os.environ.pop(_k, None)
 # Nor an MLflow store the environment names: MLFLOW_TRACKING_URI wins over params (tracking.tracking_uri), and
 # every test points its steps at its own SQLite file. Tests that check the variable set it themselves.
-for _k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+for _k in _MLFLOW_ENV:
     os.environ.pop(_k, None)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,14 @@ def chat(q: str, a: str, system: str | None = None) -> dict:
     return {"messages": msgs}
 
 
-_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+def mlflow_client(db: Path):
+    """A client for one test's SQLite store, registry included: without registry_uri, MlflowClient uses the
+    process-wide registry URI, which an earlier test's in-process step set (tracking.use) to its own database."""
+    import mlflow
+
+    uri = f"sqlite:///{db}"
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import yaml
 
 from loraflow.config import load_params
 from steps import evaluate
-from tests.conftest import ROOT, write_jsonl
+from tests.conftest import ROOT, mlflow_client, write_jsonl
 
 MODE = "evaltest"
 
@@ -165,9 +165,8 @@ def _check_common(m: dict, out: Path, guard: Path) -> None:
 
 
 def _mlflow_run(tmp_path: Path, run_id: str):
-    import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow_client(tmp_path / "mlflow.db")
     run = client.get_run(run_id)
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
     return run, artifacts

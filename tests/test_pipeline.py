@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from loraflow.config import apply_overrides
-from tests.conftest import MODE, ROOT, SHRUNK, chat, write_jsonl
+from tests.conftest import MODE, ROOT, SHRUNK, chat, mlflow_client, write_jsonl
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -30,12 +30,7 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _registry(project: Path):
-    # registry_uri too: without it MlflowClient uses the process-wide registry URI, which an earlier test's
-    # in-process step set (tracking.use) to that test's database
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}", registry_uri=f"sqlite:///{project / 'mlflow.db'}")
-    return client
+    return mlflow_client(project / "mlflow.db")
 
 
 def test_loraflow_run_end_to_end_through_prefect(project, tracking):

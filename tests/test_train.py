@@ -21,7 +21,7 @@ from loraflow import training
 from loraflow.config import apply_overrides, load_params
 from loraflow.io import read_json, sha256_file, write_json
 from steps.train import choose_quantization
-from tests.conftest import FORMATS, MODE, ROOT
+from tests.conftest import FORMATS, MODE, ROOT, mlflow_client
 
 BIN = Path(sys.executable).parent
 FAST = ["train.max_steps=3", "train.batch_size=2", "train.max_length=128", "train.logging_steps=1",
@@ -130,7 +130,6 @@ def _tensors(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_lora_weights_move_base_stays_and_one_seed_gives_one_adapter(project):
-    import mlflow
 
     _prepared(project, FAST)
     adapter = project / "data" / "adapters" / MODE
@@ -148,7 +147,7 @@ def test_lora_weights_move_base_stays_and_one_seed_gives_one_adapter(project):
     assert (adapter / "loss.png").read_bytes()[:4] == b"\x89PNG" and (adapter / "tokenizer_config.json").exists()
     assert not (project / ".checkpoints" / MODE).exists()  # removed once the run finished
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}", registry_uri=f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow_client(project / "mlflow.db")
     run = client.get_run(info["mlflow_run_id"])
     assert run.data.tags["loraflow.stage"] == "sft" and run.data.tags["data_sha256"] == info["train_data_sha256"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
@@ -166,7 +165,6 @@ def test_lora_weights_move_base_stays_and_one_seed_gives_one_adapter(project):
 
 @pytest.mark.slow
 def test_killed_training_resumes_from_its_last_checkpoint(project):
-    import mlflow
 
     _prepared(project, [*FAST, "train.max_steps=6", "train.save_steps=2"])
     ckpts = project / ".checkpoints" / MODE
@@ -191,7 +189,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(project):
 
     info = _train(project)
     assert info["steps"] == 6 and info["resumed_from_step"]["sft"] == cut
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}", registry_uri=f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow_client(project / "mlflow.db")
     steps = [m.step for m in client.get_metric_history(info["mlflow_run_id"], "loss")]
     assert steps == list(range(cut + 1, 7))  # the resumed run trained only what was left
     assert client.get_run(info["mlflow_run_id"]).data.tags["resumed_from_step"] == str(cut)
@@ -199,7 +197,6 @@ def test_killed_training_resumes_from_its_last_checkpoint(project):
 
 @pytest.mark.slow
 def test_sft_then_dpo_on_preference_pairs_gives_an_adapter_and_its_own_run(project):
-    import mlflow
 
     # Real preference data (LLaMA-Factory's DPO demo), beside the sample conversations.
     pairs = json.loads((FORMATS / "llamafactory_dpo_en_demo.json").read_text())[:40]
@@ -212,7 +209,7 @@ def test_sft_then_dpo_on_preference_pairs_gives_an_adapter_and_its_own_run(proje
     sft_sha = info["stages"][0]["adapter_sha256"]
     assert info["adapter_sha256"] == info["stages"][1]["adapter_sha256"] != sft_sha  # DPO moved the SFT adapter
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}", registry_uri=f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow_client(project / "mlflow.db")
     sft, dpo = (client.get_run(info["mlflow_run_ids"][s]) for s in ("sft", "dpo"))
     assert sft.info.run_id != dpo.info.run_id and dpo.info.run_id == info["mlflow_run_id"]
     assert dpo.data.tags["loraflow.stage"] == "dpo" and "rewards_accuracies" in dpo.data.metrics
