@@ -5,7 +5,10 @@
 
 Both generation runs use evaluate's own generate on the same base model and prompts; per-example is the same
 call with batch size 1 (what a loop over `model.generate` does). Metric time is ROUGE + BERTScore over the
-batched answers, from a cold start (the BERTScore encoder is loaded inside the timing, as in the step).
+batched answers with a cold scorer: the BERTScore encoder is loaded inside the timing, as the step loads it
+once per run. Python imports of the metric libraries are timed apart, as the generation timing leaves out
+importing torch/transformers and loading the LLM: rouge_score imports nltk, which imports scipy.stats and
+scikit-learn where they are installed (mlflow installs both), ~0.9 s once per process whatever the set size.
 The prompts are the mode's curated eval split when it exists, else the shipped general guard set, repeated
 to the requested count. The last line is the headline: the speed-up first.
 """
@@ -57,6 +60,10 @@ def main() -> None:
     same = sum(x == y for x, y in zip(single.answers, batched.answers, strict=True))
     print(f"identical answers: {same}/{len(prompts)}")
 
+    t = time.perf_counter()
+    import bert_score  # noqa: F401
+    import rouge_score.rouge_scorer  # noqa: F401
+    imports = time.perf_counter() - t
     evaluate._scorers.clear()
     t = time.perf_counter()
     evaluate.score(batched.answers, refs, ep)
@@ -64,12 +71,14 @@ def main() -> None:
     t = time.perf_counter()
     evaluate.score(batched.answers, refs, ep)
     warm = time.perf_counter() - t
-    print(f"metrics (ROUGE + BERTScore {ep.bertscore_model}): {cold:.2f} s cold (encoder load included), {warm:.2f} s warm")
+    print(f"metrics (ROUGE + BERTScore {ep.bertscore_model}): {cold:.2f} s cold (encoder load included), {warm:.2f} s warm; "
+          f"importing rouge_score + bert_score first took {imports:.2f} s (once per process)")
 
     speedup = single.seconds / batched.seconds
     share = cold / batched.seconds
     print(f"{speedup:.1f}x batched vs per-example generation (goal >= 5x); "
-          f"metrics {share:.0%} of generation time (goal <= 15%)")
+          f"metrics {share:.0%} of generation time with a cold scorer (goal <= 15%; "
+          f"{(cold + imports) / batched.seconds:.0%} counting the one-time library imports)")
 
 
 if __name__ == "__main__":

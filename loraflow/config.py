@@ -176,7 +176,7 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     max_new_tokens: int = Field(96, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1)
     max_examples: int | None = Field(None, ge=1)  # cap the eval set (quick runs); None = all
     bertscore_model: str = "embedded:all-MiniLM-L6-v2"  # or a hub id / local path of any encoder
     bertscore_num_layers: int = Field(6, ge=1)
