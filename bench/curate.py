@@ -4,7 +4,8 @@
 
 Generates a raw folder like users bring it (OpenAI JSONL, an Alpaca JSON array and a CSV; Portuguese
 text; about 1% exact and 1% near duplicates, a few broken lines, a little PII), then times `steps.curate.run`
-with near-duplicate detection off and on. The tokenizer is loaded once before timing (a one-time cost of
+with near-duplicate detection off and on (curate.workers: auto, so one process per core on this input), and
+the exact path again in one process (curate.workers=1), whose outputs must be byte-identical. The tokenizer is loaded once before timing (a one-time cost of
 a few seconds, printed apart). Also times the bare alternative for token lengths (render and tokenize every
 record), which the step avoids. The last line is the headline, number first.
 """
@@ -88,20 +89,25 @@ def main() -> None:
         generate(tmp / "warm" / "bench", 1000, seed=1)
         exact = load_params(ROOT / "params.yaml", ["curate.near_dup=false"])
         near = load_params(ROOT / "params.yaml", ["curate.near_dup=true"])
+        single = load_params(ROOT / "params.yaml", ["curate.near_dup=false", "curate.workers=1"])
         t = time.perf_counter()
         curate.run(exact, tmp / "warm" / "bench", tmp / "out-warm")
         print(f"warm-up (tokenizer load + 1,000 records): {time.perf_counter() - t:.1f} s")
+        size = sum(f.stat().st_size for f in (tmp / "raw" / "bench").iterdir())
         rates = {}
-        for name, params in (("exact", exact), ("near-dup", near)):
-            t, cpu = time.perf_counter(), time.process_time()
+        for name, params in (("exact", exact), ("near-dup", near), ("exact, 1 process", single)):
+            workers = curate._workers(params, size)
+            t = time.perf_counter()
             stats = curate.run(params, tmp / "raw" / "bench", tmp / f"out-{name}")
-            dt, cpu = time.perf_counter() - t, time.process_time() - cpu
+            dt = time.perf_counter() - t
             rates[name] = stats["totals"]["read"] / dt
             tot = stats["totals"]
-            # CPU seconds too: on a shared machine the wall clock also counts other people's work.
-            print(f"{name:>8}: {tot['read']} read in {dt:.1f} s ({cpu:.1f} CPU s) -> {tot['curated']} curated, "
-                  f"{tot['duplicates']} duplicates ({stats['dedup']['near']} near), {tot['quarantined']} quarantined; "
-                  f"{rates[name]:.0f} records/s wall, {tot['read'] / cpu:.0f} per CPU second")
+            print(f"{name:>16}: {tot['read']} read ({size / 2**20:.0f} MiB) in {dt:.1f} s with {workers} process(es) -> "
+                  f"{tot['curated']} curated, {tot['duplicates']} duplicates ({stats['dedup']['near']} near), "
+                  f"{tot['quarantined']} quarantined; {rates[name]:.0f} records/s")
+        same = all((tmp / "out-exact" / n).read_bytes() == (tmp / "out-exact, 1 process" / n).read_bytes()
+                   for n in (*curate.OUTPUTS, "stats.json"))
+        print(f"outputs of the multi-process and the one-process exact runs byte-identical: {same}")
         bare = bare_token_lengths(exact, tmp / "out-exact")
         print(f"bare alternative: rendering + tokenizing all {stats['totals']['curated']} curated records alone "
               f"takes {bare:.1f} CPU s ({stats['totals']['curated'] / bare:.0f} per CPU second)")
@@ -109,8 +115,8 @@ def main() -> None:
     verdict = ", ".join(f"{name} {'met' if rates[name] >= goal else 'MISSED'}" for name, goal in goals.items())
     # The load average says whether others shared the machine (wall-clock rates then understate).
     print(f"{rates['exact']:,.0f} records/s exact, {rates['near-dup']:,.0f} records/s near-dup on {args.n:,} records "
-          f"(goal >= {goals['exact']:,} / {goals['near-dup']:,}: {verdict}; load {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} CPUs)")
+          f"(goal >= {goals['exact']:,} / {goals['near-dup']:,}: {verdict}; {rates['exact, 1 process']:,.0f} exact in one "
+          f"process; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,8 @@ class CurateParams(_Section):
     feedback_min_rating: int = Field(4, ge=1, le=5)  # feedback rated at least this becomes an SFT record
     pii: PIIParams = PIIParams()
     length_stats_sample: int = Field(5000, ge=0)  # records whose token lengths feed the percentiles; 0 = all
+    # Processes that read and clean records: auto = one per core once the raw files pass 8 MiB; 1 = this one.
+    workers: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = "auto"
 
 
 # YAML 1.1 reads a bare `off` as false: take it as meant.

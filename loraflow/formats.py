@@ -58,6 +58,9 @@ class Reject(Exception):
         self.code = code
         self.raw = raw
 
+    def __reduce__(self):  # pickled by curation's worker processes (Exception's default drops code and raw)
+        return Reject, (self.code, str(self), self.raw)
+
 
 @dataclass
 class Pref:
@@ -129,22 +132,41 @@ def read(path: Path, opts: Options) -> Iterator[tuple[str, Any]]:
 
     Raises Reject when nothing in the file can be read (the reason names the line and what was expected).
     """
+    return ((idx, rec) for _, idx, rec in read_units(path, opts))
+
+
+Share = tuple[int, int, int]  # (lo, hi, m): the units whose number modulo m is in [lo, hi)
+WHOLE: Share = (0, 1, 1)
+
+
+def read_units(path: Path, opts: Options, share: Share = WHOLE) -> Iterator[tuple[int, str, Any]]:
+    """read(), with each record's unit number, for one share of the file's units.
+
+    A unit is a non-blank line of a JSON Lines file, else a top-level record; a share takes the units whose
+    number modulo m is in [lo, hi), with every record of each (an Alpaca record's `instances` stay
+    together). Shares that cover [0, m) read in separate processes merge back in order by (unit, position).
+    JSON Lines skips other shares' lines before decoding them; other containers are parsed whole by each.
+    """
     kind = container(path, opts.format)
     data = path.read_bytes()
     if not data.strip():
         raise Reject("empty_file", "empty file: no records")
     if kind == "jsonl":
-        yield from _expand(_read_jsonl(data, opts.encoding), opts)
+        yield from _expand(_read_jsonl(data, opts.encoding, share), opts)
         return
     text = _decode(data, opts.encoding)
     if kind == "json":
-        yield from _expand(_read_json(text), opts)
+        units = _read_json(text, share)
     elif kind in ("csv", "tsv"):
-        yield from _read_csv(text, kind, opts)
+        units = _read_csv(text, kind, opts)
     elif kind == "html":
-        yield from _sections(_html_blocks(text), Path(path).stem)
+        units = _sections(_html_blocks(text), Path(path).stem)
     else:
-        yield from _sections(_markdown_blocks(text), Path(path).stem)
+        units = _sections(_markdown_blocks(text), Path(path).stem)
+    if kind != "json":
+        lo, hi, m = share
+        units = ((u, idx, rec) for u, (idx, rec) in enumerate(units) if lo <= u % m < hi)
+    yield from _expand(units, opts)
 
 
 def _decode(data: bytes, encoding: str) -> str:
@@ -157,52 +179,58 @@ def _decode(data: bytes, encoding: str) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _read_jsonl(data: bytes, encoding: str) -> Iterator[tuple[str, Any]]:
+def _read_jsonl(data: bytes, encoding: str, share: Share = WHOLE) -> Iterator[tuple[int, str, Any]]:
     # Decode line by line: one badly encoded line is quarantined, the rest of the file still counts.
+    lo, hi, m = share
+    unit = -1
     for n, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
+            continue
+        unit += 1
+        if not lo <= unit % m < hi:
             continue
         try:
             text = line.decode(encoding).removeprefix("\ufeff")
         except UnicodeDecodeError as e:
-            yield str(n), Reject("encoding", f"line {n}: not valid {encoding} (byte 0x{line[e.start]:02x} at column "
-                                 f"{e.start + 1})", raw=line.decode(encoding, errors="backslashreplace").rstrip("\r"))
+            yield unit, str(n), Reject("encoding", f"line {n}: not valid {encoding} (byte 0x{line[e.start]:02x} at column "
+                                       f"{e.start + 1})", raw=line.decode(encoding, errors="backslashreplace").rstrip("\r"))
             continue
         try:
-            yield str(n), json.loads(text)
+            yield unit, str(n), json.loads(text)
         except json.JSONDecodeError as e:
-            yield str(n), Reject("invalid_json", f"line {n}: not valid JSON ({e.msg} at column {e.colno})",
-                                 raw=text.rstrip("\r"))
+            yield unit, str(n), Reject("invalid_json", f"line {n}: not valid JSON ({e.msg} at column {e.colno})",
+                                       raw=text.rstrip("\r"))
 
 
-def _read_json(text: str) -> Iterator[tuple[str, Any]]:
+def _read_json(text: str, share: Share = WHOLE) -> Iterator[tuple[int, str, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON Lines saved as .json: read it as such
-            yield from _read_jsonl(text.encode(), "utf-8")
+            yield from _read_jsonl(text.encode(), "utf-8", share)
             return
         raise Reject("invalid_json", f"line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     records = data if isinstance(data, list) else [data]
-    yield from ((str(i), r) for i, r in enumerate(records))
+    lo, hi, m = share
+    yield from ((i, str(i), r) for i, r in enumerate(records) if lo <= i % m < hi)
 
 
-def _expand(items: Iterator[tuple[str, Any]], opts: Options) -> Iterator[tuple[str, Any]]:
+def _expand(items: Iterator[tuple[int, str, Any]], opts: Options) -> Iterator[tuple[int, str, Any]]:
     """Alpaca records with nested `instances` become one record per instance (index `<outer>.<inner>`)."""
-    for idx, rec in items:
+    for unit, idx, rec in items:
         if opts.format in ("auto", "alpaca") and isinstance(rec, dict) and "instances" in rec:
             inst = rec["instances"]
             if not isinstance(inst, list) or not inst:
-                yield idx, Reject("missing_field", "field 'instances': expected a non-empty list of {input, output}",
-                                  raw=rec)
+                yield unit, idx, Reject("missing_field", "field 'instances': expected a non-empty list of {input, output}",
+                                        raw=rec)
                 continue
             outer = {k: v for k, v in rec.items() if k != "instances"}
             for j, one in enumerate(inst):
-                yield f"{idx}.{j}", ({**outer, **one} if isinstance(one, dict) else
-                                     Reject("bad_type", f"instances[{j}]: expected an object, got {type(one).__name__}",
-                                            raw=one))
+                yield unit, f"{idx}.{j}", ({**outer, **one} if isinstance(one, dict) else
+                                           Reject("bad_type", f"instances[{j}]: expected an object, got {type(one).__name__}",
+                                                  raw=one))
         else:
-            yield idx, rec
+            yield unit, idx, rec
 
 
 def _read_csv(text: str, kind: str, opts: Options) -> Iterator[tuple[str, Any]]:

@@ -9,6 +9,9 @@ taken only where its conditions hold (otherwise the usual path runs):
 - Encoding: for GPT-2-style byte-level tokenizers, a text's count is the sum of its chunks' counts, chunks
   being cut before each space that follows a non-space (so mostly " word"). Chunks repeat across a corpus,
   so each distinct chunk is encoded once and remembered. Why the sum is exact: see ChatTokens._chunkable.
+- Conversations: under those templates and tokenizers, a conversation's count is a constant per role sequence
+  plus its turns' contents counted alone; each distinct content (a system prompt on every record) is counted
+  once. Why: see ChatTokens.count.
 """
 
 from __future__ import annotations
@@ -51,6 +54,19 @@ class ChatTokens:
         self.chunkable = self.backend is not None and _chunkable(self.backend)
         self._first: dict[str, int] = {}  # chunk -> tokens, for a text's first chunk (and the general split)
         self._spaced: dict[str, int] = {}  # w -> tokens of " " + w, for the chunks after a split at a space
+        self._contents: dict[str, int] = {}  # turn content -> tokens (count's shortcut)
+        self._overheads: dict[tuple[str, ...], int] = {}  # role sequence -> tokens the template adds
+
+    def portable(self) -> ChatTokens | None:
+        """A copy that counts without the transformers tokenizer (so it pickles cheaply, for worker processes),
+        or None where counting needs it: a template other than those in TEMPLATES, or a tokenizer whose counts
+        are not chunk sums. The copy renders only plain {role, content} turns (else None: "ask the parent")."""
+        if self.default_system is None or not self.chunkable:
+            return None
+        c = object.__new__(ChatTokens)
+        c.tok, c.backend, c.default_system, c.chunkable = None, self.backend, self.default_system, True
+        c._first, c._spaced, c._contents, c._overheads = {}, {}, {}, {}
+        return c
 
     def render(self, msgs: Messages) -> str | None:
         """The chat template applied to `msgs` (no generation prompt); None where the template fails."""
@@ -58,16 +74,64 @@ class ChatTokens:
                 len(m) == 2 and type(m.get("role")) is str and type(m.get("content")) is str for m in msgs):
             head = "" if msgs[0]["role"] == "system" else self.default_system
             return head + "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+        if self.tok is None:  # a portable copy
+            return None
         try:
             return self.tok.apply_chat_template(msgs, tokenize=False)
         except Exception:  # noqa: BLE001 - any template error means "cannot render"
             return None
 
     def count(self, convs: list[Messages]) -> list[int | None]:
-        """Token count of each conversation under the chat template; None where it cannot render."""
-        texts = [self.render(c) for c in convs]
-        counts = iter(self.count_texts([t for t in texts if t is not None]))
-        return [next(counts) if t is not None else None for t in texts]
+        """Token count of each conversation under the chat template; None where it cannot render.
+
+        Under the TEMPLATES with chunk sums exact, a conversation's count is a constant for its role sequence
+        plus each turn's content counted alone, and contents repeat (a system prompt on every record), so
+        each distinct content is counted once. Why it is exact: the template writes `role + "\n"` before a
+        content and an added token after it; "\n" followed by a non-whitespace character always ends a
+        pre-token (only the \\s+ alternatives of the pattern hold a newline, and they hold only whitespace), so
+        a content that starts with non-whitespace is pre-tokenized alone as in context. Other contents
+        (empty, leading whitespace, extra keys) take the rendered path.
+        """
+        out: list[int | None] = [None] * len(convs)
+        by_content: list[tuple[int, int, list[str]]] = []
+        rendered: list[tuple[int, str]] = []
+        for i, c in enumerate(convs):
+            over = self._role_overhead(c) if self.default_system is not None and self.chunkable else None
+            if over is not None:
+                by_content.append((i, over, [m["content"] for m in c]))
+                continue
+            text = self.render(c)
+            if text is not None:
+                rendered.append((i, text))
+        if rendered:
+            for (i, _), n in zip(rendered, self.count_texts([t for _, t in rendered]), strict=True):
+                out[i] = n
+        if by_content:
+            memo = self._contents
+            if len(memo) > _CACHE_MAX:
+                memo.clear()
+            new = list({x: None for _, _, xs in by_content for x in xs if x not in memo})
+            memo.update(zip(new, self.count_texts(new), strict=True))
+            for i, over, xs in by_content:
+                out[i] = over + sum(map(memo.__getitem__, xs))
+        return out
+
+    def _role_overhead(self, msgs: Messages) -> int | None:
+        """Tokens the template adds around the contents of `msgs`; None unless each turn is plain
+        ({role, content} strings) with a content that starts with non-whitespace."""
+        roles = []
+        for m in msgs:
+            role, content = m.get("role"), m.get("content")
+            if len(m) != 2 or type(role) is not str or type(content) is not str or not content or content[0].isspace():
+                return None
+            roles.append(role)
+        key = tuple(roles)
+        over = self._overheads.get(key)
+        if over is None:  # the template's tokens: render one-character contents, take their tokens away
+            text = self.render([{"role": r, "content": "x"} for r in key])
+            n_text, n_x = self.count_texts([text, "x"])
+            over = self._overheads[key] = n_text - len(key) * n_x
+        return over
 
     def count_texts(self, texts: list[str]) -> list[int]:
         """len(encode(text, add_special_tokens=False)) for each text."""

@@ -19,10 +19,17 @@ import fnmatch
 import functools
 import gc
 import hashlib
+import heapq
+import importlib
+import json
 import logging
+import os
+import pickle
 import re
+import sys
 import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,19 @@ from typing import Any
 from loraflow import pii
 from loraflow.config import Params, SourceSpec, load_params
 from loraflow.errors import CurationError
-from loraflow.formats import Converted, Messages, Options, Pref, Reject, as_read, convert, html_to_text, read
+from loraflow.formats import (
+    WHOLE,
+    Converted,
+    Messages,
+    Options,
+    Pref,
+    Reject,
+    Share,
+    as_read,
+    convert,
+    html_to_text,
+    read_units,
+)
 from loraflow.io import atomic_dir, dumps, sha256_file, write_json, write_jsonl, write_text
 from loraflow.stepcli import step_errors, step_parser
 
@@ -138,6 +157,17 @@ def check_pref(p: Pref) -> None:
         raise Reject("identical_pair", "chosen and rejected are the same text: nothing to prefer")
 
 
+_json_str = json.encoder.encode_basestring  # what dumps() (ensure_ascii=False) writes for a str
+
+
+def messages_json(msgs: Messages) -> str:
+    """dumps(msgs), built directly for plain turns ({role, content} strings), as curation makes them."""
+    if all(len(m) == 2 and type(m.get("content")) is str and type(m.get("role")) is str for m in msgs):
+        return "[" + ", ".join(f'{{"content": {_json_str(m["content"])}, "role": {_json_str(m["role"])}}}'
+                               for m in msgs) + "]"
+    return dumps(msgs)
+
+
 def record_id(obj: Any) -> str:
     return _id_of(dumps(obj))
 
@@ -171,16 +201,20 @@ class Lengths:
     contents.
     """
 
-    def __init__(self, params: Params):
-        from loraflow.tokens import ChatTokens
-
-        self.tok = _tokenizer(params.base.model, params.base.model_cache, params.base.trust_remote_code)
-        self.chat = ChatTokens(self.tok)
-        backend = getattr(self.tok, "backend_tokenizer", None)
+    def __init__(self, chat: Any, limit: int):
+        """chat: a loraflow.tokens.ChatTokens (in a worker process, its portable copy: no `tok`)."""
+        self.chat, self.tok, self.limit = chat, chat.tok, limit
+        backend = chat.backend
         self.byte_level = (backend is not None and backend.normalizer is None
                            and "ByteLevel" in repr(backend.pre_tokenizer))
-        self.limit = params.base.max_seq_len
         self._overhead: dict[tuple[str, ...], int | None] = {}
+
+    @classmethod
+    def for_params(cls, params: Params) -> Lengths:
+        from loraflow.tokens import ChatTokens
+
+        tok = _tokenizer(params.base.model, params.base.model_cache, params.base.trust_remote_code)
+        return cls(ChatTokens(tok), params.base.max_seq_len)
 
     def bound(self, msgs: Messages) -> int | None:
         """An upper bound on the token count, or None when none is cheap."""
@@ -261,21 +295,38 @@ class Raw:
     format: str = ""
     items: list[Item] = field(default_factory=list)
     reject: Reject | None = None
+    key: tuple[int, int] = (0, 0)  # (file number, unit number): puts records read in parallel back in order
 
 
-@dataclass
 class Item:
     """One output a raw record yields: an SFT conversation or a preference pair."""
 
-    raw: Raw
-    messages: Messages | None = None
-    messages_json: str = ""  # dumps(messages): hashed for the id, then reused in the output line
-    pref: Pref | None = None
-    id: str = ""
-    n_tokens: int | None = None
-    truncated: bool = False
-    outcome: str = ""  # new | duplicate | near_duplicate
-    twin: Item | None = None  # the kept item a duplicate was merged into
+    __slots__ = ("raw", "_messages", "messages_json", "pref", "id", "n_tokens", "sized", "truncated", "outcome", "twin")
+
+    def __init__(self, raw: Raw, messages: Messages | None = None, messages_json: str = "", pref: Pref | None = None,
+                 id: str = "", n_tokens: int | None = None, sized: bool = False):  # noqa: A002
+        self.raw = raw
+        self._messages = messages
+        self.messages_json = messages_json  # dumps(messages): hashed for the id, then reused in the output line
+        self.pref = pref
+        self.id = id
+        self.n_tokens = n_tokens
+        self.sized = sized  # whether n_tokens is settled (counted, or None because the bound says it fits)
+        self.truncated = False
+        self.outcome = ""  # new | duplicate | near_duplicate
+        self.twin: Item | None = None  # the kept item a duplicate was merged into
+
+    @property
+    def messages(self) -> Messages | None:
+        """The conversation (None for a preference pair). One a worker process sent as JSON only is
+        decoded here on first use: most never need it again."""
+        if self._messages is None and self.messages_json:
+            self._messages = json.loads(self.messages_json)
+        return self._messages
+
+    @messages.setter
+    def messages(self, value: Messages | None) -> None:
+        self._messages = value
 
 
 def spec_for(rel: str, specs: list[SourceSpec]) -> SourceSpec | None:
@@ -294,22 +345,36 @@ def _options(spec: SourceSpec | None, params: Params) -> Options:
 
 # ------------------------------------------------------------------------------------------------- phases
 
+@contextlib.contextmanager
+def _gc_paused():
+    # The step allocates a few objects per record and frees almost none before it ends, so the cyclic
+    # collector would walk all of them again and again: ~20% of a 100,000-record run. run() cuts its own
+    # reference cycles before returning, so reference counting frees what it made.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str, SourceStats],
-              label: str | None = None, force: str | None = None) -> list[Raw]:
-    """Read, convert, normalise, scrub and check every record of every file."""
+              label: str | None = None, force: str | None = None, share: Share = WHOLE) -> list[Raw]:
+    """Read, convert, normalise, scrub and check every record of every file (of one share of each file)."""
     kinds = [k for k in pii.KINDS if getattr(params.curate.pii, k)]
     memo: dict[bool, dict[str, tuple]] = {False: {}, True: {}}  # (html?) -> text -> cleaned, fixes, pii
     raws: list[Raw] = []
-    for path in files:
+    for file_no, path in enumerate(files):
         # "<mode>/<file>": stable whatever the working directory, so re-runs are byte-identical.
-        rel = (Path(label or raw_dir.name) / path.relative_to(raw_dir)).as_posix()
+        rel = _rel(path, raw_dir, label)
         st = stats[rel]
         opts = _options(spec_for(path.relative_to(raw_dir).as_posix(), params.curate.sources), params)
         if force:
             opts = dataclasses.replace(opts, format=force)
         try:
-            for idx, rec in read(path, opts):
-                raw = Raw(rel, f"{rel}#{idx}", rec)
+            for unit, idx, rec in read_units(path, opts, share):
+                raw = Raw(rel, f"{rel}#{idx}", rec, key=(file_no, unit))
                 raws.append(raw)
                 try:
                     if isinstance(rec, Reject):
@@ -329,13 +394,188 @@ def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str,
                     raw.reject = Reject("malformed", f"cannot convert ({type(e).__name__}: {e})")
                     continue
                 raw.items = [Item(raw, messages=m) for m in conv.conversations] + [Item(raw, pref=p) for p in conv.prefs]
-        except Reject as e:
-            # Nothing in the file can be read: one quarantine entry names the file, the line and the fix.
-            raws.append(Raw(rel, rel, None, reject=Reject(e.code, f"{rel}: {e}")))
-            log.error("%s: %s", rel, e)
-        except OSError as e:
-            raws.append(Raw(rel, rel, None, reject=Reject("unreadable_file", f"{rel}: cannot be read ({e})")))
-            log.error("%s: cannot be read (%s)", rel, e)
+        except (Reject, OSError) as e:
+            # Nothing (more) in the file can be read: one quarantine entry names the file, the line and the
+            # fix. Every share meets it; the first reports it, after the records read before it.
+            if share[0] == 0:
+                reject = (Reject(e.code, f"{rel}: {e}") if isinstance(e, Reject)
+                          else Reject("unreadable_file", f"{rel}: cannot be read ({e})"))
+                raws.append(Raw(rel, rel, None, reject=reject, key=(file_no, _AFTER_FILE)))
+                log.error("%s", reject)
+    return raws
+
+
+_AFTER_FILE = 1 << 62  # the unit number of a file-level reject: after every record read from the file
+
+
+def _rel(path: Path, raw_dir: Path, label: str | None) -> str:
+    return (Path(label or raw_dir.name) / path.relative_to(raw_dir)).as_posix()
+
+
+def _convs(it: Item) -> list[Messages]:
+    """What the model sees of an item: the conversation, or a pair's prompt with each answer."""
+    return [it.messages] if it.pref is None else [it.pref.prompt + it.pref.chosen, it.pref.prompt + it.pref.rejected]
+
+
+def _size(items: list[Item], lengths: Lengths | None, final: bool = True) -> None:
+    """Each item's id, and its token count wherever the cheap bound cannot vouch that it fits.
+
+    final=False (a worker's portable counter): a conversation it cannot count stays unsized for the parent.
+    """
+    todo: list[tuple[Item, Messages]] = []
+    for it in items:
+        if it.pref is None:
+            it.messages_json = messages_json(it.messages)
+            it.id = _id_of(it.messages_json)
+        else:
+            it.id = record_id({"prompt": it.pref.prompt, "chosen": it.pref.chosen, "rejected": it.pref.rejected})
+        if lengths is None:
+            continue
+        it.sized, it.n_tokens = True, None
+        for conv in _convs(it):
+            b = lengths.bound(conv)
+            if b is None or b > lengths.limit:
+                todo.append((it, conv))
+    counts = lengths.count([c for _, c in todo]) if todo else []
+    for (it, _), n in zip(todo, counts, strict=True):
+        if n is None and not final:
+            it.sized = False
+        elif it.sized:
+            n = 10**9 if n is None else n  # a conversation the template cannot render never fits
+            it.n_tokens = n if it.n_tokens is None else max(it.n_tokens, n)
+    for it, _ in todo:
+        if not it.sized:
+            it.n_tokens = None
+
+
+# Parallel reading. A worker costs about what reading WORKER_COST_BYTES of raw records costs (spawning,
+# importing, receiving the tokenizer, sending its records back): `auto` starts workers only past twice
+# that, and this process, which pays none of it, takes that much more than its even share.
+WORKER_COST_BYTES = 8 << 20
+_SLOTS = 1000
+
+
+def _workers(params: Params, size: int) -> int:
+    """Processes for reading: curate.workers, or with `auto` one per core once the input pays for them
+    (spawned, not forked: the step may run inside a process that holds torch's or tokenizers' threads)."""
+    if params.curate.workers != "auto":
+        return params.curate.workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 8, size // (2 * WORKER_COST_BYTES)))
+
+
+def _shares(parts: int, size: int) -> list[Share]:
+    """Unit shares for this process (first) and each worker: even, less a worker's cost on each worker."""
+    worker = max(0.0, (size - WORKER_COST_BYTES) / (parts * size)) if size else 1 / parts
+    # Worker k (1..parts-1) takes the k-th slice of `worker` slots from the top; this process the bottom rest.
+    edges = [0] + [_SLOTS - round((parts - k) * worker * _SLOTS) for k in range(1, parts)] + [_SLOTS]
+    return [(edges[i], edges[i + 1], _SLOTS) for i in range(parts)]
+
+
+@_gc_paused()
+def _read_part(params: Params, raw_dir: Path, files: list[Path], label: str | None, force: str | None,
+               share: Share, chat: Any, out: Path) -> Path:
+    """A worker process's share of every file, read, cleaned, identified and sized, pickled into `out`.
+
+    The records travel packed as tuples, through a file (cheaper than the result pipe for tens of MB):
+    pickling Raw/Item objects costs more than reading saves. An SFT conversation travels as its JSON only;
+    the raw record only where the parent may still quarantine it (or needs it: served feedback)."""
+    stats: dict[str, SourceStats] = defaultdict(SourceStats)
+    raws = _read_all(params, raw_dir, files, stats, label, force, share)
+    _size([it for raw in raws for it in raw.items], Lengths(chat, params.base.max_seq_len) if chat else None,
+          final=False)
+    limit = params.base.max_seq_len
+    rows = []
+    for raw in raws:
+        keep = raw.reject is not None or (isinstance(raw.record, dict) and "event_id" in raw.record) or any(
+            not it.sized or (it.n_tokens or 0) > limit for it in raw.items)
+        rows.append((raw.key, raw.source, raw.format, raw.reject, raw.record if keep else None,
+                     [(it.messages_json, it.pref, it.id, it.n_tokens, it.sized) for it in raw.items]))
+    with open(out, "wb") as f:
+        pickle.dump(({rel: (st.fixes, st.pii) for rel, st in stats.items()}, rows), f, protocol=pickle.HIGHEST_PROTOCOL)
+    # This process ends with the pool: leave the records to the exit rather than free them one by one now.
+    _WORKER_KEEP.append(raws)
+    return out
+
+
+_WORKER_KEEP: list[Any] = []
+
+
+def _unpack(rows: list[tuple], files: list[Path], raw_dir: Path, label: str | None) -> list[Raw]:
+    rels = [_rel(f, raw_dir, label) for f in files]
+    raws = []
+    for key, source, fmt, reject, record, items in rows:
+        raw = Raw(rels[key[0]], source, record, fmt, reject=reject, key=key)
+        raw.items = [Item(raw, messages_json=mj, pref=pref, id=rid, n_tokens=n, sized=sized)
+                     for mj, pref, rid, n, sized in items]
+        raws.append(raw)
+    return raws
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Start spawned processes without re-running the caller's main script in them.
+
+    multiprocessing's spawn imports the parent's __main__ in each child so that functions defined there can
+    be unpickled; a script without an `if __name__ == "__main__":` guard would then run again, side effects
+    and all, in every worker. The workers need nothing from __main__ (the function and everything it gets
+    come from importable modules), so the parent's __main__ is shown to spawn as a module with neither a
+    spec nor a file while they start.
+    """
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+        if "__spec__" not in saved:
+            del main.__spec__
+
+
+def _read_sources(params: Params, raw_dir: Path, files: list[Path], stats: dict[str, SourceStats],
+                  lengths: Lengths, label: str | None = None, force: str | None = None) -> list[Raw]:
+    """_read_all + _size over every file, split across `_workers` processes when that pays; same output."""
+    size = sum(p.stat().st_size for p in files)
+    parts = _workers(params, size)
+    if parts == 1:
+        raws = _read_all(params, raw_dir, files, stats, label, force)
+        _size([it for raw in raws for it in raw.items], lengths)
+        return raws
+    import multiprocessing
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    shares = _shares(parts, size)
+    log.info("curate: reading %d file(s) in %d processes", len(files), parts)
+    chat = lengths.chat.portable()  # None: the workers only read, this process counts tokens
+    pool = ProcessPoolExecutor(parts - 1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="loraflow-curate-") as tmp:
+            # By its importable name: when this module runs as __main__ (python -m steps.curate), the
+            # workers, which do not run __main__, must still find the function.
+            read_part = importlib.import_module("steps.curate")._read_part
+            with _main_hidden():  # the workers start here, inside submit()
+                futures = [pool.submit(read_part, params, raw_dir, files, label, force, share, chat, Path(tmp) / f"{k}.pkl")
+                           for k, share in enumerate(shares[1:], 1)]
+            own = _read_all(params, raw_dir, files, stats, label, force, shares[0])
+            _size([it for raw in own for it in raw.items], lengths)
+            parts_read = []
+            for fut in futures:
+                with open(fut.result(), "rb") as f:
+                    part_stats, rows = pickle.load(f)
+                for rel, (fixes, found) in part_stats.items():  # counts made while cleaning; the rest is tallied later
+                    stats[rel].fixes.update(fixes)
+                    stats[rel].pii.update(found)
+                parts_read.append(_unpack(rows, files, raw_dir, label))
+    finally:
+        # Workers exit on their own (freeing their records takes them a moment): no need to wait for that.
+        pool.shutdown(wait=False, cancel_futures=True)
+    raws = list(heapq.merge(own, *parts_read, key=lambda raw: raw.key))
+    unsized = [it for raw in raws for it in raw.items if not it.sized]
+    if unsized:
+        _size(unsized, lengths)
     return raws
 
 
@@ -367,29 +607,20 @@ def _normalise(conv: Converted, kinds: list[str], st: SourceStats, memo: dict[bo
 
 
 def _apply_length_policy(params: Params, raws: list[Raw], lengths: Lengths) -> None:
-    """Count tokens where the bound cannot vouch for a fit; drop, truncate or keep what is too long."""
+    """Drop, truncate or keep what is too long (counted by _size)."""
     limit, policy = params.base.max_seq_len, params.curate.too_long
-    todo: list[tuple[Item, Messages]] = []
-    for raw in raws:
-        for it in raw.items:
-            for conv in ([it.messages] if it.messages else [it.pref.prompt + it.pref.chosen, it.pref.prompt + it.pref.rejected]):
-                b = lengths.bound(conv)
-                if b is None or b > limit:
-                    todo.append((it, conv))
-    counts = lengths.count([c for _, c in todo]) if todo else []
-    for (it, _), n in zip(todo, counts, strict=True):
-        n = 10**9 if n is None else n  # a conversation the template cannot render never fits
-        it.n_tokens = n if it.n_tokens is None else max(it.n_tokens, n)
     if policy == "keep":
         return
     for raw in raws:
         for it in raw.items:
             if it.n_tokens is None or it.n_tokens <= limit:
                 continue
-            if policy == "truncate" and it.messages is not None:
+            if policy == "truncate" and it.pref is None:
                 cut = lengths.truncate(it.messages, it.n_tokens)
                 if cut is not None:
                     it.messages, it.truncated, it.n_tokens = cut, True, lengths.count([cut])[0]
+                    it.messages_json = messages_json(cut)
+                    it.id = _id_of(it.messages_json)
                     continue
             raw.reject = Reject("too_long", f"{it.n_tokens} tokens under the chat template, over base.max_seq_len="
                                 f"{limit} (curate.too_long: {policy})")
@@ -403,18 +634,13 @@ def _dedup(params: Params, raws: list[Raw]) -> tuple[list[Item], list[Item]]:
     kept_sft: list[Item] = []
     kept_prefs: list[Item] = []
     for raw in raws:
-        for it in raw.items:
-            if it.messages is not None:
-                it.messages_json = dumps(it.messages)
-                it.id = _id_of(it.messages_json)
-            else:
-                it.id = record_id({"prompt": it.pref.prompt, "chosen": it.pref.chosen, "rejected": it.pref.rejected})
+        for it in raw.items:  # ids were set by _size
             if it.id in seen:
                 it.outcome, it.twin = "duplicate", seen[it.id]
                 continue
             seen[it.id] = it
             it.outcome = "new"
-            (kept_sft if it.messages is not None else kept_prefs).append(it)
+            (kept_sft if it.pref is None else kept_prefs).append(it)
     if params.curate.near_dup and kept_sft:
         from loraflow.neardup import near_duplicates
 
@@ -458,33 +684,29 @@ def _meta(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
     return meta
 
 
+@functools.lru_cache(maxsize=64)
+def _plain_meta_json(fmt: str) -> str:
+    return dumps({"format": fmt, "duplicates": [], "near_duplicates": []})
+
+
 def _sft_line(it: Item, dups: dict[int, dict[str, list[str]]]) -> str:
     """dumps({"id", "messages", "meta", "source"}), byte for byte, with the messages' JSON made once (for the id)."""
-    meta = _meta(it, dups)
-    if it.truncated:
-        meta["truncated"] = True
+    rec = it.raw.record
+    if it.truncated or id(it) in dups or (isinstance(rec, dict) and "event_id" in rec):
+        meta = _meta(it, dups)
+        if it.truncated:
+            meta["truncated"] = True
+        meta_json = dumps(meta)
+    else:  # most records: no twins, nothing cut, not feedback
+        meta_json = _plain_meta_json(it.raw.format)
     # json.dumps(sort_keys=True) writes the keys in this order with ", " and ": " between them.
-    return f'{{"id": {dumps(it.id)}, "messages": {it.messages_json}, "meta": {dumps(meta)}, "source": {dumps(it.raw.source)}}}'
+    return f'{{"id": {_json_str(it.id)}, "messages": {it.messages_json}, "meta": {meta_json}, "source": {_json_str(it.raw.source)}}}'
 
 
 def _pref_record(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
     meta = _meta(it, dups)
     return {"id": it.id, "prompt": it.pref.prompt, "chosen": it.pref.chosen, "rejected": it.pref.rejected,
             "source": it.raw.source, "meta": meta}
-
-
-@contextlib.contextmanager
-def _gc_paused():
-    # The step allocates a few objects per record and frees almost none before it ends, so the cyclic
-    # collector would walk all of them again and again: ~20% of a 100,000-record run. run() cuts its own
-    # reference cycles before returning, so reference counting frees what it made.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 @_gc_paused()
@@ -509,10 +731,10 @@ def run(params: Params, raw_dir: Path, out_dir: Path, feedback_dir: Path | None 
         raise CurationError(f"{raw_dir}: no raw files found")
 
     stats: dict[str, SourceStats] = defaultdict(SourceStats)
-    raws = _read_all(params, raw_dir, files, stats)
+    lengths = Lengths.for_params(params)
+    raws = _read_sources(params, raw_dir, files, stats, lengths)
     if fb_files:
-        raws += _read_all(params, fb_dir, fb_files, stats, label=f"feedback/{fb_dir.name}", force="feedback")
-    lengths = Lengths(params)
+        raws += _read_sources(params, fb_dir, fb_files, stats, lengths, label=f"feedback/{fb_dir.name}", force="feedback")
     _apply_length_policy(params, raws, lengths)
     kept, prefs = _dedup(params, raws)
     quarantine = _tally(raws, stats)

@@ -11,7 +11,7 @@ from loraflow.config import load_params
 from loraflow.errors import CurationError
 from loraflow.io import read_jsonl
 from steps import curate
-from tests.conftest import ROOT, chat, write_jsonl
+from tests.conftest import FORMATS, ROOT, chat, write_jsonl
 
 PARAMS = load_params(ROOT / "params.yaml")
 
@@ -134,3 +134,84 @@ def test_sample_data_curates_with_its_deliberate_bad_records_quarantined(tmp_pat
     assert stats["splits"]["eval"] >= 10
 
 
+
+
+def _mixed_raw(raw, n: int = 1500):
+    """Every container, duplicates across files and shares, broken lines, nested instances, PII, a long record."""
+    raw.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        if i % 97 == 5:
+            lines.append('{"messages": [broken')
+        else:
+            a = f"Resposta {i % 700}: invista em campanhas de busca. " * (1 + i % 4)
+            if i % 211 == 3:
+                a += "Contato: ana@loja.com.br, CPF 529.982.247-25."
+            lines.append(json.dumps(chat(f"Pergunta {i % 700}?", a, system="Você é um consultor."), ensure_ascii=False))
+    lines.append(json.dumps(chat("Relatório?", "campanha " * 2000)))  # over max_seq_len
+    (raw / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    alpaca = [{"instruction": f"Pergunta {i}?", "input": "", "output": f"Resposta {i}: invista em campanhas de busca. "}
+              for i in range(0, 400, 3)]
+    alpaca.append({"instruction": "Traduza.", "instances": [{"input": "oi", "output": "hi"}, {"input": "tchau", "output": "bye"}]})
+    (raw / "b.json").write_text(json.dumps(alpaca, ensure_ascii=False), encoding="utf-8")
+    (raw / "c.csv").write_text("pergunta,resposta\n" + "".join(f'"Dúvida {i}?","Linha 1\nLinha {i}"\n' for i in range(300))
+                               + "só uma coluna\n", encoding="utf-8")
+    (raw / "d.md").write_text("# Guia\n\n## Como anunciar?\n\nUse campanhas.\n\n## Frete\n\nGrátis acima de 100.\n")
+    (raw / "e.jsonl").write_text("")
+    for f in FORMATS.glob("llamafactory_*.json"):
+        shutil.copy(f, raw / f.name)
+
+
+def test_reading_in_worker_processes_gives_the_same_bytes(tmp_path, caplog):
+    """Shares of every file read in spawned workers merge back into exactly the single-process outputs."""
+    raw = tmp_path / "raw" / "m"
+    _mixed_raw(raw)
+    outs = {}
+    for workers in (1, 3):
+        params = load_params(ROOT / "params.yaml", [f"curate.workers={workers}", "curate.too_long=truncate"])
+        with caplog.at_level("INFO", logger="steps.curate"):
+            curate.run(params, raw, tmp_path / f"out{workers}")
+        outs[workers] = {p.name: p.read_bytes() for p in (tmp_path / f"out{workers}").iterdir()}
+    assert "in 3 processes" in caplog.text  # the second run did use workers
+    assert outs[1].keys() == outs[3].keys() == {*curate.OUTPUTS, "stats.json"}
+    for name in outs[1]:
+        assert outs[1][name] == outs[3][name], name
+    stats = json.loads(outs[3]["stats.json"])
+    _accounted(stats)
+    assert stats["totals"]["duplicates"] > 100 and stats["totals"]["quarantined"] >= 15 and stats["pii"]
+    assert any(json.loads(line)["meta"].get("truncated") for line in outs[3]["train.jsonl"].decode().splitlines()
+               + outs[3]["eval.jsonl"].decode().splitlines())
+
+
+def test_workers_do_not_rerun_an_unguarded_script(tmp_path):
+    """spawn re-runs the parent's __main__ in each child; a script without a main guard must still run once."""
+    import subprocess
+    import sys
+
+    raw = tmp_path / "raw" / "m"
+    write_jsonl(raw / "a.jsonl", [chat(f"Pergunta {i}?", f"Resposta {i}.") for i in range(300)])
+    script = tmp_path / "script.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from loraflow.config import load_params
+from steps import curate
+with open({str(tmp_path / "ran.txt")!r}, "a") as f:
+    f.write("ran\\n")
+params = load_params({str(ROOT / "params.yaml")!r}, ["curate.workers=2"])
+print(curate.run(params, Path({str(raw)!r}), Path({str(tmp_path / "out")!r}))["totals"]["curated"])
+""")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "300"
+    assert (tmp_path / "ran.txt").read_text() == "ran\n"
+
+
+def test_shares_cover_every_unit_once_and_spare_this_process_the_workers_cost():
+    for parts, size in ((2, 70 << 20), (3, 200 << 20), (4, 17 << 20), (2, 0)):
+        shares = curate._shares(parts, size)
+        assert [s[0] for s in shares[1:]] == [s[1] for s in shares[:-1]] and shares[0][0] == 0
+        assert shares[-1][1] == shares[-1][2] and len(shares) == parts
+        widths = [hi - lo for lo, hi, _ in shares]
+        assert all(w > 0 for w in widths) and widths[0] >= max(widths[1:])
+    assert curate._workers(load_params(ROOT / "params.yaml"), 1 << 20) == 1  # auto: small input, one process

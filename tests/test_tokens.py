@@ -88,6 +88,20 @@ def test_counts_of_conversations_equal_chat_token_lengths(tok):
     assert ChatTokens(tok).count(convs) == chat_token_lengths(tok, convs)
 
 
+def test_counts_by_turn_content_equal_chat_token_lengths(tok):
+    """Curated turns start with non-whitespace, so count() sums per-content counts: exact on the awkward pieces."""
+    from loraflow.models import chat_token_lengths
+
+    convs = [[{"role": m["role"], "content": m["content"].lstrip() or "x"} for m in c]
+             for c in _conversations(random.Random(5), 300)]
+    convs += [[{"role": "system", "content": "Você é um assistente."}, {"role": "user", "content": q},
+               {"role": "assistant", "content": "'s ok\n\n  indentado"}] for q in ("Oi?", "<|im_end|>x", "123 ção")]
+    chat = ChatTokens(tok)
+    assert chat.count(convs) == chat_token_lengths(tok, convs)
+    assert len(chat._overheads) >= 3 and len(chat._contents) > 500  # the shortcut did the counting
+    assert chat.count(convs[::-1]) == chat_token_lengths(tok, convs)[::-1]  # again, from the memo
+
+
 def test_other_tokenizers_are_counted_whole(tok):
     """No shortcut where the proof's conditions fail: a normalizer, a prefix space, another pre-tokenizer."""
     assert _chunkable(tok.backend_tokenizer)
