@@ -546,32 +546,55 @@ def _read_sources(params: Params, raw_dir: Path, files: list[Path], stats: dict[
     import multiprocessing
     import tempfile
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     shares = _shares(parts, size)
     log.info("curate: reading %d file(s) in %d processes", len(files), parts)
+
+    def read_here(share: Share) -> list[Raw]:
+        raws = _read_all(params, raw_dir, files, stats, label, force, share)
+        _size([it for raw in raws for it in raw.items], lengths)
+        return raws
+
     chat = lengths.chat.portable()  # None: the workers only read, this process counts tokens
-    pool = ProcessPoolExecutor(parts - 1, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        with tempfile.TemporaryDirectory(prefix="loraflow-curate-") as tmp:
-            # By its importable name: when this module runs as __main__ (python -m steps.curate), the
-            # workers, which do not run __main__, must still find the function.
-            read_part = importlib.import_module("steps.curate")._read_part
-            with _main_hidden():  # the workers start here, inside submit()
-                futures = [pool.submit(read_part, params, raw_dir, files, label, force, share, chat, Path(tmp) / f"{k}.pkl")
-                           for k, share in enumerate(shares[1:], 1)]
-            own = _read_all(params, raw_dir, files, stats, label, force, shares[0])
-            _size([it for raw in own for it in raw.items], lengths)
+    pool = None
+    with tempfile.TemporaryDirectory(prefix="loraflow-curate-") as tmp:
+        try:
+            try:
+                pool = ProcessPoolExecutor(parts - 1, mp_context=multiprocessing.get_context("spawn"))
+                # By its importable name: when this module runs as __main__ (python -m steps.curate), the
+                # workers, which do not run __main__, must still find the function.
+                read_part = importlib.import_module("steps.curate")._read_part
+                with _main_hidden():  # the workers start here, inside submit()
+                    futures = [pool.submit(read_part, params, raw_dir, files, label, force, share, chat,
+                                           Path(tmp) / f"{k}.pkl") for k, share in enumerate(shares[1:], 1)]
+            except (OSError, ImportError, NotImplementedError, BrokenProcessPool) as e:  # e.g. no working sem_open
+                log.warning("curate: cannot start worker processes (%s: %s); reading in this one", type(e).__name__, e)
+                futures = []
+            own = read_here(shares[0])
             parts_read = []
-            for fut in futures:
-                with open(fut.result(), "rb") as f:
+            for k, share in enumerate(shares[1:]):
+                try:
+                    if k >= len(futures):
+                        raise BrokenProcessPool("not started")
+                    path = futures[k].result()
+                except (BrokenProcessPool, OSError) as e:
+                    # A worker that died (killed for memory, say) loses nothing: its share is read here.
+                    if futures:
+                        log.warning("curate: a worker process failed (%s: %s); reading its share in this one",
+                                    type(e).__name__, e)
+                    parts_read.append(read_here(share))
+                    continue
+                with open(path, "rb") as f:
                     part_stats, rows = pickle.load(f)
                 for rel, (fixes, found) in part_stats.items():  # counts made while cleaning; the rest is tallied later
                     stats[rel].fixes.update(fixes)
                     stats[rel].pii.update(found)
                 parts_read.append(_unpack(rows, files, raw_dir, label))
-    finally:
-        # Workers exit on their own (freeing their records takes them a moment): no need to wait for that.
-        pool.shutdown(wait=False, cancel_futures=True)
+        finally:
+            if pool is not None:
+                # Workers exit on their own (freeing their records takes them a moment): no need to wait.
+                pool.shutdown(wait=False, cancel_futures=True)
     raws = list(heapq.merge(own, *parts_read, key=lambda raw: raw.key))
     unsized = [it for raw in raws for it in raw.items if not it.sized]
     if unsized:

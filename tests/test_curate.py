@@ -215,3 +215,22 @@ def test_shares_cover_every_unit_once_and_spare_this_process_the_workers_cost():
         widths = [hi - lo for lo, hi, _ in shares]
         assert all(w > 0 for w in widths) and widths[0] >= max(widths[1:])
     assert curate._workers(load_params(ROOT / "params.yaml"), 1 << 20) == 1  # auto: small input, one process
+
+
+def _die(*args):
+    import os
+
+    os._exit(3)  # a worker killed mid-run (out of memory, say)
+
+
+def test_a_dead_worker_loses_nothing(tmp_path, monkeypatch, caplog):
+    raw = tmp_path / "raw" / "m"
+    _mixed_raw(raw, 600)
+    params = load_params(ROOT / "params.yaml", ["curate.workers=1"])
+    curate.run(params, raw, tmp_path / "one")
+    monkeypatch.setattr(curate, "_read_part", _die)  # what the workers are sent to run
+    with caplog.at_level("WARNING", logger="steps.curate"):
+        curate.run(load_params(ROOT / "params.yaml", ["curate.workers=2"]), raw, tmp_path / "two")
+    assert "a worker process failed" in caplog.text
+    for name in (*curate.OUTPUTS, "stats.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
