@@ -156,17 +156,16 @@ def read_units(path: Path, opts: Options, share: Share = WHOLE) -> Iterator[tupl
         return
     text = _decode(data, opts.encoding)
     if kind == "json":
-        units = _read_json(text, share)
-    elif kind in ("csv", "tsv"):
-        units = _read_csv(text, kind, opts)
+        yield from _expand(_read_json(text, share), opts)
+        return
+    if kind in ("csv", "tsv"):
+        records = _read_csv(text, kind, opts)
     elif kind == "html":
-        units = _sections(_html_blocks(text), Path(path).stem)
+        records = _sections(_html_blocks(text), Path(path).stem)
     else:
-        units = _sections(_markdown_blocks(text), Path(path).stem)
-    if kind != "json":
-        lo, hi, m = share
-        units = ((u, idx, rec) for u, (idx, rec) in enumerate(units) if lo <= u % m < hi)
-    yield from _expand(units, opts)
+        records = _sections(_markdown_blocks(text), Path(path).stem)
+    lo, hi, m = share
+    yield from ((u, idx, rec) for u, (idx, rec) in enumerate(records) if lo <= u % m < hi)
 
 
 def _decode(data: bytes, encoding: str) -> str:
