@@ -127,24 +127,18 @@ def container(path: Path, fmt: str) -> str:
     return kind
 
 
-def read(path: Path, opts: Options) -> Iterator[tuple[str, Any]]:
-    """Yield (index, raw record) for each record of a file; an unparsable record comes as a Reject.
-
-    Raises Reject when nothing in the file can be read (the reason names the line and what was expected).
-    """
-    return ((idx, rec) for _, idx, rec in read_units(path, opts))
-
-
 Share = tuple[int, int, int]  # (lo, hi, m): the units whose number modulo m is in [lo, hi)
 WHOLE: Share = (0, 1, 1)
 
 
 def read_units(path: Path, opts: Options, share: Share = WHOLE) -> Iterator[tuple[int, str, Any]]:
-    """read(), with each record's unit number, for one share of the file's units.
+    """Yield (unit, index, raw record) for each record of a file; an unparsable record comes as a Reject.
 
-    A unit is a non-blank line of a JSON Lines file, else a top-level record; a share takes the units whose
+    Raises Reject when nothing in the file can be read (the reason names the line and what was expected).
+
+    A unit is a non-blank line of a JSON Lines file, else a top-level record. `share` takes the units whose
     number modulo m is in [lo, hi), with every record of each (an Alpaca record's `instances` stay
-    together). Shares that cover [0, m) read in separate processes merge back in order by (unit, position).
+    together): shares that cover [0, m), read in separate processes, merge back in order by (unit, position).
     JSON Lines skips other shares' lines before decoding them; other containers are parsed whole by each.
     """
     kind = container(path, opts.format)

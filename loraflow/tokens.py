@@ -44,6 +44,12 @@ _SPACE_AFTER_SPACE = re.compile(r"\s ")
 _CACHE_MAX = 2_000_000  # distinct chunks remembered; past it the cache starts over (counts stay exact)
 
 
+def plain_turn(m: dict) -> bool:
+    """A turn with exactly a string role and a string content: what the shortcuts here (and curation's JSON
+    writer) take; anything else goes the general way."""
+    return len(m) == 2 and type(m.get("role")) is str and type(m.get("content")) is str
+
+
 class ChatTokens:
     """Renders conversations and counts their tokens, exactly as apply_chat_template + encode would."""
 
@@ -70,8 +76,7 @@ class ChatTokens:
 
     def render(self, msgs: Messages) -> str | None:
         """The chat template applied to `msgs` (no generation prompt); None where the template fails."""
-        if self.default_system is not None and msgs and all(
-                len(m) == 2 and type(m.get("role")) is str and type(m.get("content")) is str for m in msgs):
+        if self.default_system is not None and msgs and all(map(plain_turn, msgs)):
             head = "" if msgs[0]["role"] == "system" else self.default_system
             return head + "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
         if self.tok is None:  # a portable copy
@@ -119,13 +124,9 @@ class ChatTokens:
     def _role_overhead(self, msgs: Messages) -> int | None:
         """Tokens the template adds around the contents of `msgs`; None unless each turn is plain
         ({role, content} strings) with a content that starts with non-whitespace."""
-        roles = []
-        for m in msgs:
-            role, content = m.get("role"), m.get("content")
-            if len(m) != 2 or type(role) is not str or type(content) is not str or not content or content[0].isspace():
-                return None
-            roles.append(role)
-        key = tuple(roles)
+        if not all(plain_turn(m) and m["content"] and not m["content"][0].isspace() for m in msgs):
+            return None
+        key = tuple(m["role"] for m in msgs)
         over = self._overheads.get(key)
         if over is None:  # the template's tokens: render one-character contents, take their tokens away
             text = self.render([{"role": r, "content": "x"} for r in key])

@@ -52,6 +52,7 @@ from loraflow.formats import (
 )
 from loraflow.io import atomic_dir, dumps, sha256_file, write_json, write_jsonl, write_text
 from loraflow.stepcli import step_errors, step_parser
+from loraflow.tokens import plain_turn
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ _json_str = json.encoder.encode_basestring  # what dumps() (ensure_ascii=False) 
 
 def messages_json(msgs: Messages) -> str:
     """dumps(msgs), built directly for plain turns ({role, content} strings), as curation makes them."""
-    if all(len(m) == 2 and type(m.get("content")) is str and type(m.get("role")) is str for m in msgs):
+    if all(map(plain_turn, msgs)):
         return "[" + ", ".join(f'{{"content": {_json_str(m["content"])}, "role": {_json_str(m["role"])}}}'
                                for m in msgs) + "]"
     return dumps(msgs)
@@ -487,18 +488,13 @@ def _read_part(params: Params, raw_dir: Path, files: list[Path], label: str | No
     limit = params.base.max_seq_len
     rows = []
     for raw in raws:
-        keep = raw.reject is not None or (isinstance(raw.record, dict) and "event_id" in raw.record) or any(
+        keep = raw.reject is not None or _is_feedback(raw.record) or any(
             not it.sized or (it.n_tokens or 0) > limit for it in raw.items)
         rows.append((raw.key, raw.source, raw.format, raw.reject, raw.record if keep else None,
                      [(it.messages_json, it.pref, it.id, it.n_tokens, it.sized) for it in raw.items]))
     with open(out, "wb") as f:
         pickle.dump(({rel: (st.fixes, st.pii) for rel, st in stats.items()}, rows), f, protocol=pickle.HIGHEST_PROTOCOL)
-    # This process ends with the pool: leave the records to the exit rather than free them one by one now.
-    _WORKER_KEEP.append(raws)
     return out
-
-
-_WORKER_KEEP: list[Any] = []
 
 
 def _unpack(rows: list[tuple], files: list[Path], raw_dir: Path, label: str | None) -> list[Raw]:
@@ -534,56 +530,67 @@ def _main_hidden() -> Iterator[None]:
             del main.__spec__
 
 
+def _read_here(params: Params, raw_dir: Path, files: list[Path], stats: dict[str, SourceStats], lengths: Lengths,
+               label: str | None, force: str | None, share: Share = WHOLE) -> list[Raw]:
+    raws = _read_all(params, raw_dir, files, stats, label, force, share)
+    _size([it for raw in raws for it in raw.items], lengths)
+    return raws
+
+
+def _start_workers(jobs: list[tuple]) -> tuple[Any, list[Any]]:
+    """A spawned process per job running _read_part: (the pool, a future per job), or (None, Nones) where
+    processes cannot be started here (e.g. a platform without a working sem_open): the caller reads those
+    shares itself."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    try:
+        pool = ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn"))
+        # By its importable name: when this module runs as __main__ (python -m steps.curate), the workers,
+        # which do not run __main__, must still find the function.
+        read_part = importlib.import_module("steps.curate")._read_part
+        with _main_hidden():  # the workers start here, inside submit()
+            return pool, [pool.submit(read_part, *job) for job in jobs]
+    except (OSError, ImportError, NotImplementedError) as e:
+        log.warning("curate: cannot start worker processes (%s: %s); reading in this one", type(e).__name__, e)
+        return None, [None] * len(jobs)
+
+
+def _worker_result(future: Any) -> Path | None:
+    """The pickle a worker wrote, or None if it did not start or died (killed for memory, say)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    if future is None:
+        return None
+    try:
+        return future.result()
+    except (BrokenProcessPool, OSError) as e:
+        log.warning("curate: a worker process failed (%s: %s); reading its share in this one", type(e).__name__, e)
+        return None
+
+
 def _read_sources(params: Params, raw_dir: Path, files: list[Path], stats: dict[str, SourceStats],
                   lengths: Lengths, label: str | None = None, force: str | None = None) -> list[Raw]:
     """_read_all + _size over every file, split across `_workers` processes when that pays; same output."""
     size = sum(p.stat().st_size for p in files)
     parts = _workers(params, size)
     if parts == 1:
-        raws = _read_all(params, raw_dir, files, stats, label, force)
-        _size([it for raw in raws for it in raw.items], lengths)
-        return raws
-    import multiprocessing
+        return _read_here(params, raw_dir, files, stats, lengths, label, force)
     import tempfile
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
 
     shares = _shares(parts, size)
     log.info("curate: reading %d file(s) in %d processes", len(files), parts)
-
-    def read_here(share: Share) -> list[Raw]:
-        raws = _read_all(params, raw_dir, files, stats, label, force, share)
-        _size([it for raw in raws for it in raw.items], lengths)
-        return raws
-
     chat = lengths.chat.portable()  # None: the workers only read, this process counts tokens
-    pool = None
     with tempfile.TemporaryDirectory(prefix="loraflow-curate-") as tmp:
+        pool, futures = _start_workers([(params, raw_dir, files, label, force, share, chat, Path(tmp) / f"{k}.pkl")
+                                        for k, share in enumerate(shares[1:], 1)])
         try:
-            try:
-                pool = ProcessPoolExecutor(parts - 1, mp_context=multiprocessing.get_context("spawn"))
-                # By its importable name: when this module runs as __main__ (python -m steps.curate), the
-                # workers, which do not run __main__, must still find the function.
-                read_part = importlib.import_module("steps.curate")._read_part
-                with _main_hidden():  # the workers start here, inside submit()
-                    futures = [pool.submit(read_part, params, raw_dir, files, label, force, share, chat,
-                                           Path(tmp) / f"{k}.pkl") for k, share in enumerate(shares[1:], 1)]
-            except (OSError, ImportError, NotImplementedError, BrokenProcessPool) as e:  # e.g. no working sem_open
-                log.warning("curate: cannot start worker processes (%s: %s); reading in this one", type(e).__name__, e)
-                futures = []
-            own = read_here(shares[0])
+            own = _read_here(params, raw_dir, files, stats, lengths, label, force, shares[0])
             parts_read = []
-            for k, share in enumerate(shares[1:]):
-                try:
-                    if k >= len(futures):
-                        raise BrokenProcessPool("not started")
-                    path = futures[k].result()
-                except (BrokenProcessPool, OSError) as e:
-                    # A worker that died (killed for memory, say) loses nothing: its share is read here.
-                    if futures:
-                        log.warning("curate: a worker process failed (%s: %s); reading its share in this one",
-                                    type(e).__name__, e)
-                    parts_read.append(read_here(share))
+            for share, future in zip(shares[1:], futures, strict=True):
+                path = _worker_result(future)
+                if path is None:  # nothing is lost: the share is read here
+                    parts_read.append(_read_here(params, raw_dir, files, stats, lengths, label, force, share))
                     continue
                 with open(path, "rb") as f:
                     part_stats, rows = pickle.load(f)
@@ -699,10 +706,15 @@ def _tally(raws: list[Raw], stats: dict[str, SourceStats]) -> list[dict]:
     return quarantine
 
 
+def _is_feedback(rec: Any) -> bool:
+    """An event `loraflow serve` logged (its output line's meta names the answer it was about)."""
+    return isinstance(rec, dict) and "event_id" in rec
+
+
 def _meta(it: Item, dups: dict[int, dict[str, list[str]]]) -> dict:
     meta = {"format": it.raw.format, **dups.get(id(it), {"duplicates": [], "near_duplicates": []})}
     rec = it.raw.record
-    if isinstance(rec, dict) and "event_id" in rec:  # served-answer feedback: keep what it was about
+    if _is_feedback(rec):  # served-answer feedback: keep what it was about
         meta["feedback"] = {k: rec.get(k) for k in ("response_id", "rating", "adapter_version", "timestamp")}
     return meta
 
@@ -715,7 +727,7 @@ def _plain_meta_json(fmt: str) -> str:
 def _sft_line(it: Item, dups: dict[int, dict[str, list[str]]]) -> str:
     """dumps({"id", "messages", "meta", "source"}), byte for byte, with the messages' JSON made once (for the id)."""
     rec = it.raw.record
-    if it.truncated or id(it) in dups or (isinstance(rec, dict) and "event_id" in rec):
+    if it.truncated or id(it) in dups or _is_feedback(rec):
         meta = _meta(it, dups)
         if it.truncated:
             meta["truncated"] = True
