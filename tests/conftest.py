@@ -24,9 +24,26 @@ for _k in _MLFLOW_ENV:
     os.environ.pop(_k, None)
 
 ROOT = Path(__file__).resolve().parents[1]
-# Real files in the formats users bring: ../shared/formats beside the checkout (CI), or further up (worktrees).
-FORMATS = next((d / "shared" / "formats" for d in ROOT.parents if (d / "shared" / "formats").is_dir()),
-               ROOT.parent / "shared" / "formats")
+
+
+def _formats_dir() -> Path:
+    """Real files in the formats users bring: shared/formats beside the checkout (CI) or further up (worktrees),
+    or beside the repository a local clone was made from (`git clone . $(mktemp -d)/ci`)."""
+    import subprocess
+
+    roots = [ROOT]
+    origin = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True).stdout.strip()
+    if origin and Path(origin).is_dir():
+        roots.append(Path(origin).resolve())
+    for root in roots:
+        for d in root.parents:
+            if (d / "shared" / "formats").is_dir():
+                return d / "shared" / "formats"
+    return ROOT.parent / "shared" / "formats"
+
+
+FORMATS = _formats_dir()
 MODE = "retail_media"
 
 # Real steps, shrunk: a few training steps, a few eval prompts. min_delta=-1 (and no forgetting guard) makes
