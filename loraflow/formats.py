@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -107,6 +108,9 @@ class Options:
     question_template: str = "{heading}"
     tools: str = "keep"
     feedback_min_rating: int = 4
+    # A legacy prompt/completion file's format markers (file_markers), cut from every record that ends with them
+    prompt_separator: str = ""
+    completion_stop: str = ""
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -413,6 +417,46 @@ def _sections(blocks: list[tuple[Any, int, str, list[str]]], stem: str) -> Itera
 
 # ---------------------------------------------------------------------------------------------- converting
 
+# What OpenAI's legacy fine-tuning guide had people end texts with: a separator after every prompt
+# ("\n\n###\n\n", " ->") and a stop sequence after every completion (" END", " [END]", "\n###"). Left in,
+# the model learns to write them. Only these shapes count, so a shared final "." or word is never cut.
+_MARKER = re.compile(r"\s*(#{2,}|={2,}|-{2,}>?|~{2,}|\*{3,}|->|=>|\[\s*[A-Z][A-Z_ ]*\]|<\|?[A-Za-z_]+\|?>|END|STOP)\s*\Z")
+
+
+def _common_marker(texts: list[str]) -> str:
+    """The format marker (with the whitespace around it) every text ends with, or ""."""
+    if len(texts) < 2:
+        return ""
+    common = os.path.commonprefix([t[::-1] for t in texts])[::-1]
+    m = _MARKER.search(common)
+    return common[m.start():] if m and len(common) - m.start() < len(min(texts, key=len)) else ""
+
+
+def file_markers(path: Path, opts: Options) -> tuple[str, str]:
+    """(prompt separator, completion stop sequence) shared by every prompt/completion record of a JSON Lines
+    file, ("", "") when there are none. Files of other formats cost one line's read: the first record
+    decides whether the file is looked at at all."""
+    if opts.format not in ("auto", "prompt_completion"):
+        return "", ""
+    try:
+        if container(path, opts.format) != "jsonl":
+            return "", ""
+        prompts, completions = [], []
+        for _, _, rec in read_units(path, opts):
+            kind = (detect(rec) if opts.format == "auto" else opts.format) if isinstance(rec, dict) else ""
+            if kind != "prompt_completion":
+                if not prompts:
+                    return "", ""  # not a prompt/completion file (its first record decides)
+                continue
+            p, c = rec.get("prompt"), rec.get("completion")
+            if isinstance(p, str) and isinstance(c, str):
+                prompts.append(p)
+                completions.append(c)
+    except (Reject, OSError):
+        return "", ""  # reading reports it
+    return _common_marker(prompts), _common_marker(completions)
+
+
 def detect(rec: dict) -> str:
     """The record format a JSON object is in, decided by its keys (first rule that applies)."""
     if "event_id" in rec and "messages" in rec:  # an event `loraflow serve` appended (loraflow/feedback.py)
@@ -595,9 +639,13 @@ def _as_messages(v: Any, where: str, opts: Options, default_role: str) -> Messag
                  f"{'an empty list' if v == [] else type(v).__name__}")
 
 
+def _cut(v: Any, suffix: str) -> Any:
+    return v[:-len(suffix)] if suffix and isinstance(v, str) and v.endswith(suffix) else v
+
+
 def _prompt_completion(rec: dict, opts: Options) -> Converted:
-    prompt = _as_messages(rec.get("prompt"), "prompt", opts, "user")
-    completion = _as_messages(rec.get("completion"), "completion", opts, "assistant")
+    prompt = _as_messages(_cut(rec.get("prompt"), opts.prompt_separator), "prompt", opts, "user")
+    completion = _as_messages(_cut(rec.get("completion"), opts.completion_stop), "completion", opts, "assistant")
     return Converted([prompt + completion])
 
 

@@ -47,6 +47,7 @@ from loraflow.formats import (
     Share,
     as_read,
     convert,
+    file_markers,
     html_to_text,
     read_units,
 )
@@ -278,12 +279,14 @@ class SourceStats:
     formats: Counter = field(default_factory=Counter)
     pii: Counter = field(default_factory=Counter)
     fixes: Counter = field(default_factory=Counter)
+    markers: dict[str, str] = field(default_factory=dict)  # format markers cut from every record (file_markers)
 
     def as_dict(self) -> dict[str, Any]:
         return {"read": self.read, "curated": self.curated, "duplicates": self.duplicates,
                 "near_duplicates": self.near_duplicates, "quarantined": self.quarantined,
                 "reasons": dict(sorted(self.reasons.items())), "formats": dict(sorted(self.formats.items())),
-                "pii": dict(sorted(self.pii.items())), "fixes": dict(sorted(self.fixes.items()))}
+                "pii": dict(sorted(self.pii.items())), "fixes": dict(sorted(self.fixes.items())),
+                "markers_removed": dict(self.markers)}
 
 
 @dataclass
@@ -373,6 +376,13 @@ def _read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str,
         opts = _options(spec_for(path.relative_to(raw_dir).as_posix(), params.curate.sources), params)
         if force:
             opts = dataclasses.replace(opts, format=force)
+        sep, stop = file_markers(path, opts)
+        if sep or stop:
+            opts = dataclasses.replace(opts, prompt_separator=sep, completion_stop=stop)
+            if share[0] == 0:  # this process reports it (every process cuts the same markers)
+                st.markers = {k: v for k, v in (("prompt_separator", sep), ("completion_stop", stop)) if v}
+                log.info("curate: %s: cutting the prompt separator %r and completion stop sequence %r every "
+                         "record ends with", rel, sep, stop)
         try:
             for unit, idx, rec in read_units(path, opts, share):
                 raw = Raw(rel, f"{rel}#{idx}", rec, key=(file_no, unit))

@@ -158,6 +158,9 @@ def _mixed_raw(raw, n: int = 1500):
                                + "só uma coluna\n", encoding="utf-8")
     (raw / "d.md").write_text("# Guia\n\n## Como anunciar?\n\nUse campanhas.\n\n## Frete\n\nGrátis acima de 100.\n")
     (raw / "e.jsonl").write_text("")
+    (raw / "f.jsonl").write_text("".join(json.dumps({"prompt": f"Cliente {i}: e o frete?\n\n###\n\n",
+                                                     "completion": f" Grátis acima de {i} reais. [END]"}) + "\n"
+                                         for i in range(50)))  # a legacy file's markers: cut in every share
     for f in FORMATS.glob("llamafactory_*.json"):
         shutil.copy(f, raw / f.name)
 
@@ -234,3 +237,30 @@ def test_a_dead_worker_loses_nothing(tmp_path, monkeypatch, caplog):
     assert "a worker process failed" in caplog.text
     for name in (*curate.OUTPUTS, "stats.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_legacy_prompt_separator_and_stop_sequence_are_cut_per_file(tmp_path):
+    """OpenAI's legacy prompt/completion files end every prompt with a separator and every completion with a
+    stop sequence; kept, the model would learn to write them. A shared ordinary ending is not a marker."""
+    raw = tmp_path / "raw" / "m"
+    raw.mkdir(parents=True)
+    (raw / "legacy.jsonl").write_text("".join(
+        json.dumps({"prompt": f"Qual o prazo do pedido {i}?\n\n###\n\n", "completion": f" Chega em {i} dias. [END]"}) + "\n"
+        for i in range(6)))
+    (raw / "arrow.jsonl").write_text("".join(
+        json.dumps({"prompt": f"Cor {i} ->", "completion": f" Azul {i}.\nEND"}) + "\n" for i in range(4)))
+    (raw / "plain.jsonl").write_text("".join(  # every prompt ends with "?" and every answer with ".": not markers
+        json.dumps({"prompt": f"Quanto custa o item {i}?", "completion": f"Custa {i} reais."}) + "\n" for i in range(5)))
+    stats = curate.run(PARAMS, raw, tmp_path / "out")
+    recs = {r["source"]: r["messages"] for r in read_jsonl(tmp_path / "out" / "train.jsonl")
+            + read_jsonl(tmp_path / "out" / "eval.jsonl")}
+    assert recs["m/legacy.jsonl#4"] == [{"role": "user", "content": "Qual o prazo do pedido 3?"},
+                                        {"role": "assistant", "content": "Chega em 3 dias."}]
+    assert recs["m/arrow.jsonl#2"] == [{"role": "user", "content": "Cor 1"}, {"role": "assistant", "content": "Azul 1."}]
+    assert recs["m/plain.jsonl#3"] == [{"role": "user", "content": "Quanto custa o item 2?"},
+                                       {"role": "assistant", "content": "Custa 2 reais."}]
+    src = stats["sources"]
+    assert src["m/legacy.jsonl"]["markers_removed"] == {"prompt_separator": "\n\n###\n\n", "completion_stop": " [END]"}
+    assert src["m/arrow.jsonl"]["markers_removed"] == {"prompt_separator": " ->", "completion_stop": "\nEND"}
+    assert src["m/plain.jsonl"]["markers_removed"] == {}
+    assert not any("###" in m["content"] or "[END]" in m["content"] for msgs in recs.values() for m in msgs)
