@@ -124,6 +124,76 @@ def mlflow_callback(run_id: str, flush_every: int):
     return MlflowBatchLogger()
 
 
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds + 0.5), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Training progress with an ETA from the steps this process ran: a bar redrawn in place on a terminal,
+    a log line at every 10% otherwise (Prefect workers, CI, files)."""
+
+    WIDTH = 24
+
+    def __init__(self, label: str, stream=None, tty: bool | None = None) -> None:
+        import sys
+
+        self.label, self.stream = label, stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.t0, self.first, self.total, self.loss, self.logged = 0.0, 0, 0, None, 0
+
+    def begin(self, step: int, total: int) -> None:
+        self.t0, self.first, self.total = time.time(), step, max(total, 1)
+        self.logged = step * 10 // self.total
+
+    def line(self, step: int) -> str:
+        done = step - self.first
+        elapsed = time.time() - self.t0
+        eta = elapsed / done * (self.total - step) if done else None
+        filled = self.WIDTH * step // self.total
+        loss = f" loss {self.loss:.3f}" if self.loss is not None else ""
+        return (f"{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {step}/{self.total} "
+                f"{100 * step // self.total:3d}%{loss} elapsed {_clock(elapsed)} "
+                f"ETA {_clock(eta) if eta is not None else '?'}")
+
+    def step(self, step: int) -> None:
+        if self.tty:
+            self.stream.write("\r" + self.line(step))
+            self.stream.flush()
+        elif step * 10 // self.total > self.logged:
+            self.logged = step * 10 // self.total
+            log.info("%s", self.line(step))
+
+    def end(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def progress_callback(label: str, stream=None, tty: bool | None = None):
+    """The Progress above as a TrainerCallback (trl's own tqdm bar is off: it has no 10% lines for logs)."""
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.progress = Progress(label, stream, tty)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.progress.begin(int(state.global_step), int(state.max_steps))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.progress.loss = float(logs["loss"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.progress.step(int(state.global_step))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.progress.end()
+
+    return ProgressCallback()
+
+
 def loss_chart(history: list[dict[str, Any]], title: str, path: Path) -> Path | None:
     """A PNG of training loss (and learning rate) per step; None when nothing was logged."""
     points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
