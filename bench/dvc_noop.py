@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # The real pipeline, shrunk like the tests' (tests/conftest.py SHRUNK): the outputs' sizes are what matter.
-SHRUNK = ["train.max_steps=3", "train.batch_size=4", "evaluate.max_examples=6", "evaluate.max_new_tokens=24",
+SHRUNK = ["train.max_steps=3", "train.batch_size=4", "evaluate.max_examples=6", "generate.max_new_tokens=24",
           "evaluate.bootstrap_samples=200", "promote.min_delta=-1.0"]
 
 

@@ -6,7 +6,7 @@
 Deployments (nightly, on demand, training on a GPU pool): see prefect.yaml.
 
 - Caching: a step whose inputs did not change is not recomputed. Its key is the content of the files it
-  reads (the same paths dvc.yaml lists as deps), its params sections (`base` + its own), the step module's
+  reads (the same paths dvc.yaml lists as deps), its params sections (`base` + its own; train also `generate`), the step module's
   source and the task's source; results persist under <root>/.prefect/results (env LORAFLOW_PREFECT_RESULTS).
   Like `dvc repro`, the key ignores the registry: pass refresh=True to recompute everything.
 - A failed validation fails its task, so the flow ends Failed with the validation message and nothing
@@ -31,7 +31,7 @@ from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from prefect.filesystems import LocalFileSystem
 from prefect.variables import Variable
 
-from loraflow.config import Params, Paths, load_params
+from loraflow.config import Params, Paths, load_params, stage_sections
 from loraflow.io import read_json, sha256_file, sha256_tree
 from steps import curate as curate_step
 from steps import evaluate as evaluate_step
@@ -74,7 +74,8 @@ def content_hash(path: Path) -> str:
 # Library code a step's results depend on beyond its own module (the .py deps of its dvc.yaml stage).
 CODE: dict[str, list[str]] = {"curate": ["loraflow/formats.py", "loraflow/neardup.py", "loraflow/pii.py",
                                          "loraflow/tokens.py"],
-                              "train": ["loraflow/training.py"]}
+                              "train": ["loraflow/training.py", "loraflow/generation.py"],
+                              "evaluate": ["loraflow/degeneration.py", "loraflow/generation.py"]}
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,7 +87,7 @@ def step_cache_key(step: str) -> Callable[[Any, dict[str, Any]], str]:
     def key(_ctx: Any, inputs: dict[str, Any]) -> str:
         params: Params = inputs["params"]
         p: Paths = inputs["p"]
-        h = hashlib.sha256(f"{step}\0{p.root}\0{p.mode}\0{params.digest('base', step)}\0".encode())
+        h = hashlib.sha256(f"{step}\0{p.root}\0{p.mode}\0{params.digest(*stage_sections(step))}\0".encode())
         for f in (source, *code):
             h.update(sha256_file(f).encode())
         for path in INPUTS[step](p, params):

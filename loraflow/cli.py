@@ -36,7 +36,10 @@ def _report(params_file: str, overrides: list[str], mode: str | None, root: str)
     for name in ("base", "champion", "candidate"):
         s = metrics.get(name)
         if s:
-            print(f"  {name:<10} {s[m]['mean']:.4f}  [{s[m]['ci_low']:.4f}, {s[m]['ci_high']:.4f}]")
+            d = s.get("degeneration") or {}
+            health = (f"  ended their turn {d['stop_rate']['mean']:.0%}, loop {d['loop_rate']['mean']:.0%}"
+                      if "stop_rate" in d and "loop_rate" in d else "")
+            print(f"  {name:<10} {s[m]['mean']:.4f}  [{s[m]['ci_low']:.4f}, {s[m]['ci_high']:.4f}]{health}")
     print(f"decision:  {decision.get('decision')} — {decision.get('reason')}")
     print(f"registry:  {uri}  model {registered_model_name(mode)} v{decision.get('version')}, aliases {decision.get('aliases_after')}")
     print(f"metrics:   {p.eval / 'metrics.json'} (per-example answers: {p.eval / 'predictions.jsonl'})")

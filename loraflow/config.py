@@ -1,7 +1,8 @@
 """The one typed config: `params.yaml` -> validated `Params`.
 
-`params.yaml` has a `base` section plus one section per step (the section, the step module, the
-DVC stage and the Prefect task share a name). Unknown keys and bad values fail here, naming the key.
+`params.yaml` has a `base` section, a `generate` section (decoding settings, saved with each adapter by
+train) and one section per step (the section, the step module, the DVC stage and the Prefect task share a
+name). Unknown keys and bad values fail here, naming the key.
 Overrides use DVC's `-S section.key=value` syntax; the value is parsed as YAML (`-S train.lora_r=16`).
 """
 
@@ -20,6 +21,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from loraflow.errors import ConfigError
 
 STEPS = ("curate", "validate", "train", "evaluate", "promote", "model_card")
+SHARED = ("base", "generate")  # sections that are not a step's own
+
+
+def stage_sections(step: str) -> tuple[str, ...]:
+    """The params sections a step reads (its DVC stage's `params`, its Prefect cache key): base + its own;
+    train also writes `generate` into the adapter (generation_config.json), so a decoding change retrains."""
+    return ("base", step, "generate") if step == "train" else ("base", step)
 
 
 class _Section(BaseModel):
@@ -153,6 +161,9 @@ class TrainParams(_Section):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"  # "all-linear" beats q/v-only clearly here (ENVIRONMENT.md)
     learning_rate: float = Field(2e-4, gt=0)  # 1e-4..3e-4 for LoRA
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)  # share of the optimizer steps spent warming up
+    neftune_noise_alpha: float | None = Field(None, gt=0)  # NEFTune embedding noise (5 in the paper); None = off
     epochs: float = Field(2.0, gt=0)
     max_steps: int = -1  # > 0 overrides epochs (tests and quick runs)
     batch_size: int = Field(8, ge=1)
@@ -176,8 +187,21 @@ class TrainParams(_Section):
     metrics_flush_every: int = Field(20, ge=1)  # buffered training metrics are sent to MLflow in one call every N logs
 
 
-class EvaluateParams(_Section):
+class GenerateParams(_Section):
+    """How an adapter answers: saved beside it as generation_config.json, registered with it, and read back by
+    evaluate (greedy), the MLflow pyfunc model and `loraflow serve` (sampling defaults) through
+    loraflow.generation."""
+
     max_new_tokens: int = Field(96, ge=1)
+    repetition_penalty: float = Field(1.0, ge=1.0)  # > 1 discourages tokens already in the answer (CTRL-style)
+    no_repeat_ngram_size: int = Field(0, ge=0)  # > 0: never repeat an n-gram of tokens (0 = off)
+    # serving defaults (a request may set its own); evaluation is always greedy
+    do_sample: bool = True
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+
+
+class EvaluateParams(_Section):
     batch_size: int = Field(32, ge=1)
     max_examples: int | None = Field(None, ge=1)  # cap the eval set (quick runs); None = all
     bertscore_model: str = "embedded:all-MiniLM-L6-v2"  # or a hub id / local path of any encoder
@@ -201,6 +225,11 @@ class PromoteParams(_Section):
     guards: dict[Literal["rouge1", "rouge2", "rougeL", "bertscore"], float] = Field(default_factory=dict)
     # metrics.json `forgetting`: on each other eval set the primary metric may not fall more than this; None = off
     forgetting_tolerance: float | None = Field(0.02, ge=0)
+    # Degenerate answers (metrics.json `degeneration`): floors on the eval set's rates; None = off
+    min_stop_rate: float | None = Field(0.8, ge=0, le=1)  # share of answers that end their turn
+    max_loop_rate: float | None = Field(0.2, ge=0, le=1)  # share of answers repeating a word 4-gram 3+ times
+    # and on every set (eval + guard sets) no worse than the reference by more than this; None = off
+    degeneration_tolerance: float | None = Field(0.1, ge=0, le=1)
 
     @field_validator("guards")
     @classmethod
@@ -221,6 +250,7 @@ class Params(_Section):
     base: BaseParams = BaseParams()
     curate: CurateParams = CurateParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    generate: GenerateParams = GenerateParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
@@ -279,7 +309,7 @@ def _explain(e: ValidationError, source: str) -> str:
 
 def _known_keys(section: str | None) -> list[str]:
     if section is None:
-        return list(STEPS[:0]) + ["base", *STEPS]
+        return [*SHARED, *STEPS]
     field = Params.model_fields.get("validate_" if section == "validate" else section)
     if field is None or field.annotation is None:
         return []
@@ -296,7 +326,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (base, {', '.join(STEPS)})")
+        raise ConfigError(f"{path}: expected a mapping of sections ({', '.join([*SHARED, *STEPS])})")
     raw = apply_overrides(raw, overrides or [])
     try:
         return Params.model_validate(raw)

@@ -11,6 +11,8 @@ import html
 import io
 from pathlib import Path
 
+from loraflow import degeneration
+
 MODELS = ("base", "champion", "candidate")
 METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bertscore": "BERTScore"}
 COLORS = {"base": "#9e9e9e", "champion": "#1f77b4", "candidate": "#ff7f0e"}
@@ -110,6 +112,14 @@ def _regressions(worst: dict, metric: str) -> str:
     return "".join(parts)
 
 
+def _degeneration(block: dict) -> list[str]:
+    rows = degeneration.rate_rows(block, MODELS)
+    if not rows:
+        return []
+    models = [m for m in MODELS if (block.get(m) or {}).get("degeneration")]
+    return ["<h4>Degenerate answers (a loop: some word 4-gram said 3+ times)</h4>", _table(["rate", *models], rows)]
+
+
 def report_html(metrics: dict, png: bytes) -> str:
     metric = metrics["scoring"]["report_metric"]
     g = metrics["generation"]
@@ -141,6 +151,7 @@ def report_html(metrics: dict, png: bytes) -> str:
         "<h2>Scores</h2>", _scores_table(metrics),
         "<h2>Answer lengths</h2>",
         _table(["model", "words mean", "words p90", "new tokens mean", "ended at end-of-turn"], length_rows),
+        *_degeneration(metrics),
     ]
     j = metrics.get("judge")
     if j:
@@ -153,7 +164,7 @@ def report_html(metrics: dict, png: bytes) -> str:
         parts.append("<h2>Forgetting guard</h2>")
         for path, block in f["sets"].items():
             parts += [f"<h3><code>{html.escape(path)}</code> ({block['eval_set']['size']} examples)</h3>",
-                      _scores_table(block), _regressions(block["worst_regressions"], metric)]
+                      _scores_table(block), *_degeneration(block), _regressions(block["worst_regressions"], metric)]
     parts += ["<h2>Worst regressions on the eval set</h2>", _regressions(metrics["worst_regressions"], metric),
               "</body></html>\n"]
     return "\n".join(parts)

@@ -2,7 +2,9 @@
 loads the base model named in the model config plus the adapter stored with the version, and generates text.
 
 predict() takes a list of prompt strings (the signature's input) and returns the answers as a list of strings;
-`params={"max_new_tokens": N}` is honoured (the signature's params schema). Called without MLflow's schema
+`params={"max_new_tokens": N}` is honoured (the signature's params schema). Answers are greedy, with the
+adapter's own anti-repetition settings and max_new_tokens from its generation_config.json (see
+loraflow.generation): the settings evaluate judged it with. Called without MLflow's schema
 enforcement (`unwrap_python_model()`), it also takes chat message lists or a DataFrame with a `messages` column.
 """
 
@@ -12,18 +14,19 @@ from typing import Any
 
 import mlflow.pyfunc
 
-DEFAULT_MAX_NEW_TOKENS = 128
-
 
 class AdapterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from peft import PeftModel
 
+        from loraflow import generation
         from loraflow.models import load_causal_lm, load_tokenizer, resolve
 
         cfg = context.model_config or {}
         adapter = context.artifacts["adapter"]
-        self.max_new_tokens = int(cfg.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        gp = generation.load(adapter)
+        self.decoding = generation.decoding(gp)
+        self.max_new_tokens = int(cfg.get("max_new_tokens", gp.max_new_tokens))
         self.tok = load_tokenizer(adapter)
         base = load_causal_lm(resolve(cfg["base_model"], cfg.get("model_cache", "~/.cache/loraflow")))
         self.model = PeftModel.from_pretrained(base, adapter).eval()
@@ -40,4 +43,4 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
             items = list(model_input) if isinstance(model_input, list | tuple) else [model_input]
         prompts = [[{"role": "user", "content": x}] if isinstance(x, str) else list(x) for x in items]
         n = int((params or {}).get("max_new_tokens", self.max_new_tokens))
-        return generate(self.model, self.tok, prompts, n, batch_size=8)
+        return generate(self.model, self.tok, prompts, n, batch_size=8, decoding=self.decoding)

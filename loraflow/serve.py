@@ -13,6 +13,10 @@ finish on it, and it is unloaded once the last of them is done. The registry is 
 Generation on the shared model is serialised by one lock (set_adapter + generate together), in worker
 threads, so the event loop keeps answering /health and streams. A mode merged with POST /adapters/<mode>/merge
 is served from its own merged copy of the model (no LoRA overhead, its own lock, so it runs beside the others).
+
+Decoding: a request's temperature / top_p win; left out, a mode answers with its adapter's generation_config.json
+(params.yaml `generate` at training time: sampling defaults, repetition_penalty, no_repeat_ngram_size), the
+settings evaluate judged it with. max_tokens left out is the server's --default-max-tokens.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loraflow import feedback as fb
-from loraflow.config import Params, registered_model_name
+from loraflow import generation
+from loraflow.config import GenerateParams, Params, registered_model_name
 
 log = logging.getLogger(__name__)
 PREFIX = registered_model_name("")
@@ -74,6 +79,7 @@ class Adapter:
     refs: int = 0
     merged: Any = None  # a merged copy of base + this adapter, when asked for
     merged_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    gen: GenerateParams | None = None  # its generation_config.json: how it was evaluated and is served
 
 
 class Engine:
@@ -218,7 +224,7 @@ class Engine:
             else:
                 self.peft.load_adapter(str(found.parent), adapter_name=name)
         log.info("mode %s: loaded v%s as %s in %.2f s", mode, version, name, time.perf_counter() - t)
-        return Adapter(name, mode, version, found.parent)
+        return Adapter(name, mode, version, found.parent, gen=generation.load(found.parent, self.params.generate))
 
     def _collect(self) -> None:
         """Unload retired adapters nobody is using any more (they can no longer be pinned: not in the LRU)."""
@@ -266,18 +272,19 @@ class Engine:
         with self.tok_lock:
             return self.tok.decode(ids, skip_special_tokens=True)
 
-    def generate(self, ad: Adapter | None, messages: list[dict], max_tokens: int, temperature: float,
-                 top_p: float, streamer=None, cancelled: threading.Event | None = None) -> dict[str, Any]:
+    def generate(self, ad: Adapter | None, messages: list[dict], max_tokens: int, temperature: float | None,
+                 top_p: float | None, streamer=None, cancelled: threading.Event | None = None) -> dict[str, Any]:
+        """One answer. temperature / top_p None: the adapter's own settings (its generation_config.json; the
+        server's params.yaml `generate` for the base model), as vLLM does with a model's generation config."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         enc = self.encode(messages).to(self.device)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "num_beams": 1, "pad_token_id": self.tok.pad_token_id,
-                                  "eos_token_id": self.tok.eos_token_id, "streamer": streamer}
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(do_sample=False)
+        gp = ad.gen if ad is not None and ad.gen is not None else self.params.generate
+        kwargs: dict[str, Any] = {**generation.generate_kwargs(gp, max_new_tokens=max_tokens, temperature=temperature,
+                                                               top_p=top_p),
+                                  "pad_token_id": self.tok.pad_token_id, "eos_token_id": self.tok.eos_token_id,
+                                  "streamer": streamer}
         if cancelled is not None:
             class _Cancelled(StoppingCriteria):  # a client that went away stops its generation at the next token
                 def __call__(self, input_ids, scores, **kw):
@@ -443,8 +450,9 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     messages: list[Message] = Field(min_length=1)
     mode: str | None = None
-    temperature: float = Field(0.0, ge=0, le=2)  # 0 = greedy: the same answer every time
-    top_p: float = Field(1.0, gt=0, le=1)
+    # None: the adapter's generation_config.json; 0 = greedy: the same answer every time
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
 
 
@@ -452,8 +460,8 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
     model: str = ""
     messages: list[Message] = Field(min_length=1)
-    temperature: float = Field(0.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool = False

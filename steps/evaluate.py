@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from loraflow import models, tracking
+from loraflow import degeneration, generation, models, tracking
 from loraflow.config import EvaluateParams, Params, load_params, registered_model_name
 from loraflow.errors import EvalSetError
 from loraflow.io import read_json, read_jsonl, sha256_file, write_bytes, write_json, write_jsonl, write_text
@@ -120,8 +120,9 @@ class Generated:
 
 
 def generate_detailed(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-                      stop_ids: list[int] | None = None) -> Generated:
-    """Greedy answers for chat prompts, batched (left padding, sorted by length); order is preserved."""
+                      stop_ids: list[int] | None = None, decoding: dict[str, Any] | None = None) -> Generated:
+    """Greedy answers for chat prompts, batched (left padding, sorted by length); order is preserved.
+    `decoding`: extra greedy settings for generate() (repetition_penalty, no_repeat_ngram_size)."""
     import torch
 
     stop_ids = sorted(stop_ids if stop_ids is not None else end_of_turn_ids(tok, model))
@@ -130,8 +131,9 @@ def generate_detailed(model, tok, prompts: list[list[dict]], max_new_tokens: int
     # Sorting by length keeps padding (wasted compute) small; left padding keeps every prompt's last token
     # at the end, where generation continues, and generate() derives position ids from the attention mask.
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    decoding = dict(decoding or {})
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "do_sample": False, "num_beams": 1,
-                "stop_token_ids": stop_ids, "pad_token_id": tok.pad_token_id, "padding_side": "left"}
+                **decoding, "stop_token_ids": stop_ids, "pad_token_id": tok.pad_token_id, "padding_side": "left"}
     answers, new_tokens, stopped = [""] * len(texts), [0] * len(texts), [False] * len(texts)
     tok.padding_side = "left"
     stops = set(stop_ids)
@@ -140,7 +142,7 @@ def generate_detailed(model, tok, prompts: list[list[dict]], max_new_tokens: int
         idx = order[start:start + batch_size]
         enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **decoding,
                                  pad_token_id=tok.pad_token_id, eos_token_id=stop_ids)
         for row, i in zip(out[:, enc["input_ids"].shape[1]:].tolist(), idx, strict=True):
             # Finished rows are padded to the batch's longest answer: cut at the first end-of-turn.
@@ -151,9 +153,10 @@ def generate_detailed(model, tok, prompts: list[list[dict]], max_new_tokens: int
     return Generated(answers, new_tokens, stopped, _sha(texts), settings, time.perf_counter() - t)
 
 
-def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
+def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+             decoding: dict[str, Any] | None = None) -> list[str]:
     """Greedy answers only (the registered pyfunc model serves with this)."""
-    return generate_detailed(model, tok, prompts, max_new_tokens, batch_size).answers
+    return generate_detailed(model, tok, prompts, max_new_tokens, batch_size, decoding=decoding).answers
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -259,11 +262,14 @@ def score(answers: list[str], refs: list[str], ep: EvaluateParams) -> dict[str, 
 def compare(es: EvalSet, gens: dict[str, Generated], ep: EvaluateParams, seed: int) -> tuple[dict, dict]:
     """Score every model on one set. Returns (per-example scores, the summary block of metrics.json)."""
     scores = {n: score(g.answers, es.refs, ep) for n, g in gens.items()}
+    health = {n: degeneration.health(g.answers, g.stopped) for n, g in gens.items()}
     block: dict[str, Any] = {}
     for n in MODELS:
+        rates = degeneration.per_example(health[n]) if n in health else {}
         block[n] = None if n not in scores else {
             **{m: bootstrap_mean(scores[n][m], ep.bootstrap_samples, ep.confidence, seed) for m in METRICS},
-            "length": length_stats(gens[n])}
+            "length": length_stats(gens[n]),
+            "degeneration": {k: bootstrap_mean(v, ep.bootstrap_samples, ep.confidence, seed) for k, v in rates.items()}}
     block["deltas"] = {
         f"candidate_vs_{ref}": ({m: bootstrap_diff(scores["candidate"][m], scores[ref][m], ep.bootstrap_samples,
                                                    ep.confidence, seed) for m in METRICS} if ref in scores else None)
@@ -341,9 +347,12 @@ def run(params: Params, mode: str, eval_file: Path, adapter_dir: Path, out_dir: 
     model.eval()
     stop_ids = end_of_turn_ids(tok, model)
     timing["load"] = time.perf_counter() - t
+    # The candidate's own decoding settings (generation_config.json), for every model alike: one comparison.
+    gp = generation.load(adapter_dir, params.generate)
+    extra = generation.decoding(gp)
 
     def gen() -> Generated:
-        return generate_detailed(model, tok, prompts, ep.max_new_tokens, ep.batch_size, stop_ids)
+        return generate_detailed(model, tok, prompts, gp.max_new_tokens, ep.batch_size, stop_ids, extra)
 
     gens: dict[str, Generated] = {"base": gen()}
     with tempfile.TemporaryDirectory(prefix="loraflow-champion-") as tmp:
@@ -389,6 +398,7 @@ def run(params: Params, mode: str, eval_file: Path, adapter_dir: Path, out_dir: 
         "generation": {
             **g0.settings, "greedy": True,
             "stop_tokens": tok.convert_ids_to_tokens(stop_ids),
+            "generation_config": gp.model_dump(),
             "chat_template_sha256": models.template_sha256(tok),
             "prompts_sha256": g0.prompts_sha256, "prompts": len(prompts),
             "per_model": {n: {"prompts_sha256": g.prompts_sha256, "settings_sha256": _sha(g.settings),
@@ -407,6 +417,8 @@ def run(params: Params, mode: str, eval_file: Path, adapter_dir: Path, out_dir: 
               **{f"{n}_answer": g.answers[i] for n, g in main_gens.items()},
               **{f"{n}_new_tokens": g.new_tokens[i] for n, g in main_gens.items()},
               **{f"{n}_{m}": round(scores[n][m][i], 4) for n in scores for m in METRICS},
+              **{f"{n}_{k}": v for n, g in main_gens.items()
+                 for k, v in degeneration.answer_health(g.answers[i], g.stopped[i]).items()},
               **{f"judge_vs_{ref}": v[i] for ref, v in verdicts.items()}}
              for i, (r, p, ref) in enumerate(zip(main_set.records, main_set.prompts, main_set.refs, strict=True))]
 
@@ -470,6 +482,7 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
         if metrics[n]:
             flat.update({f"eval_{n}_{m}": metrics[n][m]["mean"] for m in METRICS})
             flat[f"eval_{n}_words_mean"] = metrics[n]["length"]["words_mean"]
+            flat.update({f"eval_{n}_{k}": v["mean"] for k, v in metrics[n].get("degeneration", {}).items()})
     for key, d in metrics["deltas"].items():
         for m, s in (d or {}).items():
             flat.update({f"eval_delta_{key}_{m}": s["mean"], f"eval_delta_{key}_{m}_ci_low": s["ci_low"]})
@@ -477,6 +490,8 @@ def mlflow_metrics(metrics: dict) -> dict[str, float]:
         stem = re.sub(r"[^\w.-]", "_", Path(path).stem)
         for key, d in b["deltas"].items():
             flat.update({f"guard_{stem}_{key}_{m}": s["mean"] for m, s in (d or {}).items()})
+        for n in MODELS:
+            flat.update({f"guard_{stem}_{n}_{k}": v["mean"] for k, v in ((b.get(n) or {}).get("degeneration") or {}).items()})
     for key, j in (metrics["judge"] or {}).items():
         if key.startswith("candidate_vs_") and j:
             flat[f"judge_win_rate_{key}"] = j["win_rate"]["mean"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from loraflow import degeneration
 from loraflow.config import Params, load_params, registered_model_name
 from loraflow.io import read_json, write_text
 from loraflow.models import hub_id
@@ -36,6 +37,21 @@ def _fmt_delta(s: dict | None) -> str:
     if not s:
         return "—"
     return f"{s['mean']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]"
+
+
+def _degeneration_table(metrics: dict) -> str:
+    """Degenerate answers per model (stop, loop, empty, seq-rep-4), as evaluate measured them."""
+    models = ("base", "champion", "candidate")
+    rows = degeneration.rate_rows(metrics, models)
+    if not rows:
+        return ""
+    present = [m for m in models if (metrics.get(m) or {}).get("degeneration")]
+    g = metrics["generation"].get("generation_config") or {}
+    decoding = ", ".join(f"{k} {g[k]}" for k in ("repetition_penalty", "no_repeat_ngram_size") if k in g)
+    return ("\nDegenerate answers (a loop: some word 4-gram said 3+ times; stop: the answer ended its turn "
+            f"before the token limit){'; decoding ' + decoding if decoding else ''}:\n\n"
+            f"| rate | {' | '.join(present)} |\n|---|{'---|' * len(present)}\n"
+            + "\n".join(f"| {' | '.join(r)} |" for r in rows) + "\n")
 
 
 def render(params: Params, mode: str, stats: dict, info: dict, metrics: dict, decision: dict) -> str:
@@ -105,6 +121,7 @@ Champion compared against: {champion}.
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
+{_degeneration_table(metrics)}
 ROUGE tokenizer: {metrics['scoring']['rouge_tokenizer']}. BERTScore encoder: `{metrics['scoring']['bertscore_model']}`.
 
 ## Promotion decision

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraflow import registry, tracking
+from loraflow import degeneration, generation, registry, tracking
 from loraflow.config import Params, PromoteParams, load_params, registered_model_name
 from loraflow.io import atomic_dir, read_json, write_json
 from loraflow.stepcli import step_errors, step_parser
@@ -61,15 +61,66 @@ def _forgetting_sets(forgetting: dict | None) -> dict[str, dict]:
     return forgetting.get("sets", forgetting)
 
 
+def _rate(summary: dict | None, name: str) -> float | None:
+    rate = ((summary or {}).get("degeneration") or {}).get(name)
+    return None if rate is None else rate["mean"]
+
+
+# rate -> (what it is, True when higher is worse)
+_RATES = {k: degeneration.RATES[k] for k in ("stop_rate", "loop_rate")}  # the two with floors and guards
+
+
+def _degeneration(candidate: dict, ref: dict, ref_name: str, policy: PromoteParams,
+                  forgetting: dict | None) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Degenerate answers: floors on the eval set's stop and loop rates, then no set (eval + forgetting sets)
+    worse than the reference by more than `degeneration_tolerance`. Rates missing from the metrics fail a
+    floor that is on (an evaluation that did not measure them proves nothing)."""
+    failed, held, nums = [], [], {}
+    floors = {"stop_rate": ("min_stop_rate", policy.min_stop_rate), "loop_rate": ("max_loop_rate", policy.max_loop_rate)}
+    for rate, (key, limit) in floors.items():
+        if limit is None:
+            continue
+        what, higher_worse = _RATES[rate]
+        value = _rate(candidate, rate)
+        if value is None:
+            failed.append(f"degeneration floor promote.{key}: the metrics hold no {rate} (evaluate again)")
+            continue
+        nums[f"degeneration:{key}"] = {"candidate": value, "limit": limit}
+        bad = value > limit if higher_worse else value < limit
+        text = (f"degeneration floor promote.{key}: {rate} {value:.3f} ({what}) "
+                f"{'>' if bad and higher_worse else '<' if bad else 'within'} {limit:.2f}")
+        (failed if bad else held).append(text)
+    tol = policy.degeneration_tolerance
+    sets = {"the eval set": (candidate, ref, ref_name)}
+    for name, scores in _forgetting_sets(forgetting).items():
+        r_name = ref_name if scores.get(ref_name) else "base"
+        sets[repr(name)] = (scores["candidate"], scores[r_name], r_name)
+    for where, (cand, reference, r_name) in ({} if tol is None else sets).items():
+        for rate, (_what, higher_worse) in _RATES.items():
+            c, r = _rate(cand, rate), _rate(reference, rate)
+            if c is None or r is None:
+                continue
+            worse = (c - r) if higher_worse else (r - c)
+            nums[f"degeneration:{where}:{rate}"] = {"candidate": c, r_name: r, "tolerance": tol}
+            text = (f"degeneration on {where}: {rate} {c:.3f} vs {r_name} {r:.3f} "
+                    f"({'rise' if higher_worse else 'drop'} {worse:+.3f}, tolerance {tol:.2f})")
+            (failed if worse > tol else held).append(text)
+    return failed, held, nums
+
+
 def _guards(candidate: dict, ref: dict, ref_name: str, policy: PromoteParams,
             forgetting: dict | None) -> tuple[list[str], list[str], dict[str, Any]]:
-    """Guard metrics and the forgetting guard against one reference: (failures, holds, numbers)."""
+    """Guard metrics, degenerate answers and the forgetting guard against one reference:
+    (failures, holds, numbers)."""
     failed, held, nums = [], [], {}
     for g, tol in policy.guards.items():
         cand, refv = candidate[g]["mean"], ref[g]["mean"]
         nums[g] = {"candidate": cand, ref_name: refv, "tolerance": tol}
         text = f"{g} {cand:.4f} vs {ref_name} {refv:.4f} (drop {refv - cand:+.4f}, tolerance {tol:.4f})"
         (failed if refv - cand > tol else held).append(text)
+    d_failed, d_held, d_nums = _degeneration(candidate, ref, ref_name, policy, forgetting)
+    failed, held = failed + d_failed, held + d_held
+    nums.update(d_nums)
     tol = policy.forgetting_tolerance
     metric = (forgetting or {}).get("metric", policy.primary_metric)
     for set_name, scores in ({} if tol is None else _forgetting_sets(forgetting)).items():
@@ -89,7 +140,9 @@ def decide(candidate: dict, base: dict, champion: dict | None, policy: PromotePa
 
     The primary metric must beat the champion (or the base when there is none) by more than `min_delta`
     and, when `require_ci_above_zero`, the paired bootstrap interval of the difference must lie above zero.
-    Each guard metric (`guards: {metric: tolerance}`) may not fall more than its tolerance below the same
+    The candidate's answers must end their turn and not loop often (`min_stop_rate`, `max_loop_rate` on the
+    eval set's `degeneration` rates) nor more than the reference does beyond `degeneration_tolerance` on
+    any set. Each guard metric (`guards: {metric: tolerance}`) may not fall more than its tolerance below the same
     reference, nor may the primary metric on any set of `forgetting` (metrics.json's section:
     `{"metric"?: str, "sets": {name: {"base": summary, "champion": summary | None, "candidate": summary}}}`)
     fall more than `forgetting_tolerance`. A candidate that fails against the champion but passes all of
@@ -115,7 +168,7 @@ def decide(candidate: dict, base: dict, champion: dict | None, policy: PromotePa
         if b_ok and not b_failed:
             return Decision("challenger", f"candidate beats base ({b_gate}) but not champion: {why}",
                             m, ref_name, delta, compared)
-    return Decision("reject", f"candidate does not beat {ref_name}: {why}", m, ref_name, delta, compared)
+    return Decision("reject", f"candidate does not pass the gate against {ref_name}: {why}", m, ref_name, delta, compared)
 
 
 def _sha256_bytes(b: bytes) -> str:
@@ -161,7 +214,7 @@ def register(params: Params, mode: str, adapter_dir: Path, metrics: dict, decisi
     from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
-    from loraflow.pyfunc import DEFAULT_MAX_NEW_TOKENS, AdapterModel
+    from loraflow.pyfunc import AdapterModel
 
     name = registered_model_name(mode)
     tracking.setup(params, mode)
@@ -180,7 +233,7 @@ def register(params: Params, mode: str, adapter_dir: Path, metrics: dict, decisi
         log.info("promote: adapter %s already registered as %s v%s", sha[:12], name, version)
     else:
         signature = infer_signature(["What is retail media?"], ["An answer."],
-                                    params={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS})
+                                    params={"max_new_tokens": generation.load(adapter_dir, params.generate).max_new_tokens})
         with mlflow.start_run(run_id=info["mlflow_run_id"]):
             model_info = mlflow.pyfunc.log_model(
                 name="model",

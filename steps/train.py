@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loraflow import tracking, training
+from loraflow import generation, tracking, training
 from loraflow.config import Params, load_params
 from loraflow.errors import ValidationFailed
 from loraflow.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json
@@ -132,6 +132,7 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
         "prefs_data_sha256": ctx.tags["data_sha256"].get("dpo", ""),
         "dvc_curated_md5": ctx.tags.get("dvc.curated_md5"),
         "chat_template_sha256": template_sha256(tok),
+        "generation_config": params.generate.model_dump(),
         "seed": params.base.seed,
         "params": params.to_dict()["train"],
         "stages": [{k: v for k, v in r.items() if k not in ("checkpoints",)} for r in results],
@@ -143,6 +144,7 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
     with atomic_dir(adapter_dir) as tmp:
         shutil.copytree(last["checkpoints"] / "final", tmp, dirs_exist_ok=True)
         tok.save_pretrained(tmp)
+        generation.write(tmp, params.generate)  # how this adapter answers: evaluate and serving read it back
         info["adapter_sha256"] = sha256_file(tmp / "adapter_model.safetensors")
         for r in info["stages"]:
             r.pop("history", None)
@@ -229,8 +231,8 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
         output_dir=str(folder),
         per_device_train_batch_size=per_forward,
         gradient_accumulation_steps=accumulate,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,  # a float < 1 is a ratio of the total steps in transformers 5
+        lr_scheduler_type=tp.lr_scheduler,
+        warmup_steps=tp.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
         logging_steps=tp.logging_steps,
         save_strategy="steps" if tp.save_steps else "no",
         save_steps=tp.save_steps or 500,
@@ -257,7 +259,7 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
             log.warning("train: %d of %d records longer than train.max_length=%d tokens were cut to it",
                         truncated, len(records), tp.max_length)
         cfg = SFTConfig(**common, num_train_epochs=tp.epochs, max_steps=tp.max_steps, learning_rate=tp.learning_rate,
-                        packing=tp.packing, padding_free=padding_free,
+                        packing=tp.packing, padding_free=padding_free, neftune_noise_alpha=tp.neftune_noise_alpha,
                         # already cut above; packing uses max_length as its block size
                         max_length=tp.max_length if tp.packing else None)
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=ctx.tok,
@@ -282,6 +284,7 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
                          **{k: v for k, v in ctx.tags.items() if k.startswith("dvc.")}})
         callback = training.mlflow_callback(mrun.info.run_id, tp.metrics_flush_every)
         trainer.add_callback(callback)
+        trainer.add_callback(training.progress_callback(f"train {ctx.mode} {stage}"))
         before = training.base_fingerprint(trainer.model)
         t0 = time.time()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

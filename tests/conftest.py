@@ -46,17 +46,21 @@ def _formats_dir() -> Path:
 FORMATS = _formats_dir()
 MODE = "retail_media"
 
-# Real steps, shrunk: a few training steps, a few eval prompts. min_delta=-1 (and no forgetting guard) makes
-# the gate pass so the registry path always runs; the gate's own logic is unit-tested on plain numbers in test_promote.py.
+# Real steps, shrunk: a few training steps, a few eval prompts. min_delta=-1 (and no forgetting or degeneration
+# guards: 3 steps and 24 new tokens answer like the base, which rarely ends its turn in 24 tokens) makes the gate
+# pass so the registry path always runs; the gate's own logic is unit-tested on plain numbers in test_promote.py.
 SHRUNK = [
     "train.max_steps=3",
     "train.batch_size=4",
     "train.logging_steps=1",
     "evaluate.max_examples=6",
-    "evaluate.max_new_tokens=24",
+    "generate.max_new_tokens=24",
     "evaluate.bootstrap_samples=200",
     "promote.min_delta=-1.0",
     "promote.forgetting_tolerance=null",
+    "promote.min_stop_rate=null",
+    "promote.max_loop_rate=null",
+    "promote.degeneration_tolerance=null",
 ]
 
 

@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from loraflow.config import STEPS, Params, Paths, apply_overrides, load_params
+from loraflow.config import SHARED, STEPS, Params, Paths, apply_overrides, load_params, stage_sections
 from loraflow.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -20,9 +20,9 @@ def test_project_params_load_and_match_defaults_types():
     assert p.base.modes and p.train.lora_alpha >= p.train.lora_r
 
 
-def test_every_section_in_params_yaml_is_a_step_or_base():
+def test_every_section_in_params_yaml_is_a_step_or_shared():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert set(raw) == {"base", *STEPS}
+    assert set(raw) == {*SHARED, *STEPS}
 
 
 def test_override_parses_yaml_values(tmp_path):
@@ -60,7 +60,7 @@ def test_bad_mode_name_is_refused():
 
 
 def test_dvc_stages_match_steps_params_and_paths():
-    """One name everywhere; each stage lists base + its own section; cmd names every dep/out."""
+    """One name everywhere; each stage lists base + its own section (train also `generate`); cmd names every dep/out."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(dvc) == list(STEPS)
     mode = "MODE"
@@ -70,7 +70,7 @@ def test_dvc_stages_match_steps_params_and_paths():
     for name, stage in dvc.items():
         do = stage["do"]
         assert stage["foreach"] == "${base.modes}"
-        assert do["params"] == ["base", name], name
+        assert do["params"] == list(stage_sections(name)), name
         module = importlib.import_module(f"steps.{name}")
         assert callable(module.run) and callable(module.main)
         assert list(inspect.signature(module.run).parameters)[0] == "params"

@@ -44,11 +44,13 @@ def test_cache_key_follows_input_content_and_own_params_only(tmp_path):
     k0 = key(None, {"params": params, "p": p})
     assert key(None, {"params": params, "p": p}) == k0
     # another step's params, and a file the step does not read, leave the key alone
-    other = load_params(ROOT / "params.yaml", ["evaluate.max_new_tokens=7"])
+    other = load_params(ROOT / "params.yaml", ["evaluate.batch_size=7"])
     (tmp_path / "unrelated.txt").write_text("x")
     assert key(None, {"params": other, "p": p}) == k0
     # its own params, and the content (not the mtime) of what it reads, change it
     assert key(None, {"params": load_params(ROOT / "params.yaml", ["train.lora_r=8"]), "p": p}) != k0
+    # train writes `generate` into the adapter (generation_config.json): a decoding change is a new adapter
+    assert key(None, {"params": load_params(ROOT / "params.yaml", ["generate.max_new_tokens=7"]), "p": p}) != k0
     write_jsonl(p.curated / "train.jsonl", [chat("q", "a"), chat("q3", "a3")])
     assert key(None, {"params": params, "p": p}) != k0
 

@@ -7,9 +7,14 @@ from loraflow.config import PromoteParams
 from steps.promote import decide
 
 
-def s(mean: float, lo: float | None = None, hi: float | None = None, bertscore: float = 0.8) -> dict:
+def _m(v: float) -> dict:
+    return {"mean": v, "ci_low": v, "ci_high": v}
+
+
+def s(mean: float, lo: float | None = None, hi: float | None = None, bertscore: float = 0.8,
+      stop: float = 1.0, loop: float = 0.0) -> dict:
     return {"rougeL": {"mean": mean, "ci_low": lo if lo is not None else mean, "ci_high": hi if hi is not None else mean},
-            "bertscore": {"mean": bertscore, "ci_low": bertscore, "ci_high": bertscore}}
+            "bertscore": _m(bertscore), "degeneration": {"stop_rate": _m(stop), "loop_rate": _m(loop)}}
 
 
 AUTO = PromoteParams()
@@ -106,3 +111,43 @@ def test_within_noise_against_champion_with_ci_required():
               "candidate_vs_base": {"rougeL": {"mean": 0.2, "ci_low": 0.1, "ci_high": 0.3}}}
     d = decide(s(0.51), s(0.31), s(0.5), pol, deltas)
     assert d.decision == "challenger" and "CI low -0.0400 must be > 0" in d.reason
+
+
+def test_default_gate_rejects_a_looping_adapter_that_raised_rouge():
+    """The numbers of a real candidate (issue 13): ROUGE-L +0.047 over base, but 33% of its answers end their
+    turn and 71% loop. The gate as params.yaml ships it rejects it and says which guard and by how much."""
+    from pathlib import Path
+
+    from loraflow.config import load_params
+
+    default = load_params(Path(__file__).resolve().parents[1] / "params.yaml").promote
+    d = decide(s(0.143, stop=0.333, loop=0.714), s(0.096, stop=0.857, loop=0.048), None, default)
+    assert d.decision == "reject"
+    assert "degeneration floor promote.max_loop_rate: loop_rate 0.714 (answers that loop) > 0.20" in d.reason
+    assert "degeneration floor promote.min_stop_rate: stop_rate 0.333 (answers that end their turn) < 0.80" in d.reason
+    assert "degeneration on the eval set: loop_rate 0.714 vs base 0.048 (rise +0.666, tolerance 0.10)" in d.reason
+    assert "primary" not in d.reason  # ROUGE-L itself passed: only the degeneration guards stopped it
+    assert d.compared_to["guards"]["degeneration:max_loop_rate"] == {"candidate": 0.714, "limit": 0.2}
+
+
+def test_degeneration_worse_than_the_reference_beyond_tolerance_fails_above_the_floors():
+    d = decide(s(0.5, stop=0.85), s(0.3, stop=1.0), None, AUTO)  # floor 0.8 holds, but a 0.15 drop > 0.1
+    assert d.decision == "reject" and "degeneration on the eval set: stop_rate 0.850 vs base 1.000 (drop +0.150" in d.reason
+    assert decide(s(0.5, stop=0.95), s(0.3, stop=1.0), None, AUTO).decision == "promote"
+    off = PromoteParams(degeneration_tolerance=None)
+    assert decide(s(0.5, stop=0.85), s(0.3, stop=1.0), None, off).decision == "promote"
+
+
+def test_degeneration_on_a_forgetting_set_names_the_set():
+    forgetting = {"metric": "rougeL", "sets": {"general": {"base": s(0.3), "champion": None,
+                                                           "candidate": s(0.3, loop=0.4)}}}
+    d = decide(s(0.5), s(0.3), None, AUTO, forgetting=forgetting)
+    assert d.decision == "reject" and "degeneration on 'general': loop_rate 0.400 vs base 0.000" in d.reason
+
+
+def test_missing_degeneration_rates_fail_closed_unless_the_floors_are_off():
+    bare = {"rougeL": _m(0.5)}
+    d = decide(bare, {"rougeL": _m(0.3)}, None, AUTO)
+    assert d.decision == "reject" and "the metrics hold no loop_rate" in d.reason
+    off = PromoteParams(min_stop_rate=None, max_loop_rate=None)
+    assert decide(bare, {"rougeL": _m(0.3)}, None, off).decision == "promote"

@@ -28,8 +28,9 @@ EVAL_SHA = "e" * 64
 
 
 def summary(rouge: float, bert: float = 0.8) -> dict:
-    return {m: {"mean": v, "ci_low": v - 0.05, "ci_high": v + 0.05}
-            for m, v in (("rouge1", rouge), ("rouge2", rouge / 2), ("rougeL", rouge), ("bertscore", bert))}
+    s = lambda v: {"mean": v, "ci_low": v - 0.05, "ci_high": v + 0.05}  # noqa: E731
+    return {**{m: s(v) for m, v in (("rouge1", rouge), ("rouge2", rouge / 2), ("rougeL", rouge), ("bertscore", bert))},
+            "degeneration": {"stop_rate": s(0.95), "loop_rate": s(0.05)}}  # healthy answers: the gate's floors pass
 
 
 def make_candidate(params, root: Path, tag: str, rouge: float, champion: tuple[str, float] | None = None,
@@ -243,4 +244,5 @@ def test_model_card_is_attached_to_the_version_and_parses_back(params, client, t
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results == {m: round(metrics["candidate"][m]["mean"], 4) for m in ("rouge1", "rouge2", "rougeL", "bertscore")}
     assert card.data.library_name == "peft" and "## Promotion decision" in card.text
+    assert "| stop_rate (answers that end their turn) | 95% [90%, 100%] | 95% [90%, 100%] |" in card.text
     assert mv.description.startswith(f"# {NAME}") and "**promote**" in mv.description

@@ -113,6 +113,7 @@ def env(tmp_path_factory):
 
 
 def chat(url: str, mode: str | None, messages=Q, max_tokens: int = 6, **kw) -> dict:
+    kw.setdefault("temperature", 0)  # greedy: answers comparable across calls (left out: the adapter's sampling)
     r = httpx.post(f"{url}/chat", json={"mode": mode, "messages": messages, "max_tokens": max_tokens, **kw}, timeout=300)
     assert r.status_code == 200, r.text
     return r.json()
@@ -217,6 +218,40 @@ def test_champion_moves_while_serving_in_flight_request_finishes_on_old(env, tmp
     assert after["version"] == v2 and after["adapter"].endswith(f"_delta_v{v2}") and after["answer"] != long_v1["answer"]
     names = [a["name"] for a in httpx.get(f"{url}/health").json()["loaded_adapters"]]
     assert long_v1["adapter"] not in names  # the old one was unloaded once its request finished
+
+
+def test_a_mode_answers_with_its_adapters_generation_config(env, tmp_path):
+    """A request that leaves decoding out gets the adapter's generation_config.json (what evaluate judged it
+    with): here greedy with no token repeated, the exact answer peft + generate() give with those settings."""
+    import torch
+    from peft import PeftModel
+
+    from loraflow import generation
+    from loraflow.config import GenerateParams
+    from loraflow.models import load_causal_lm, load_tokenizer, resolve
+
+    params, url = env["params"], env["url"]
+    adapter = make_adapter(params, tmp_path / "strict", seed=3)
+    generation.write(adapter, GenerateParams(do_sample=False, no_repeat_ngram_size=1))
+    register(params, "strict", adapter)
+    httpx.post(f"{url}/adapters/reload", timeout=60)
+    served = [httpx.post(f"{url}/chat", json={"mode": "strict", "messages": Q, "max_tokens": 24}, timeout=300).json()
+              for _ in range(2)]
+
+    tok = load_tokenizer(str(adapter))
+    model = PeftModel.from_pretrained(load_causal_lm(resolve(params.base.model, params.base.model_cache)), str(adapter))
+    enc = tok(tok.apply_chat_template(Q, tokenize=False, add_generation_prompt=True), return_tensors="pt",
+              add_special_tokens=False)
+
+    def direct(**kw) -> str:
+        with torch.inference_mode():
+            out = model.eval().generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id, **kw)
+        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    expected = direct(no_repeat_ngram_size=1)
+    assert served[0]["answer"] == served[1]["answer"] == expected  # greedy: its do_sample false, no temperature sent
+    assert expected != direct()  # and the setting mattered: plain greedy repeats a token here
 
 
 def test_50_concurrent_requests_across_three_modes(env):
