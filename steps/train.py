@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,10 @@ def choose_quantization(setting: str, cuda: bool, has_bnb: bool) -> tuple[bool, 
     if setting == "none":
         return False, "train.quantization=none"
     if setting == "4bit":
-        if not (cuda and has_bnb):
-            raise ValueError("train.quantization=4bit needs CUDA and the bitsandbytes package")
+        if not has_bnb:
+            raise ValueError("train.quantization=4bit needs the bitsandbytes package (pip install bitsandbytes)")
+        if not cuda:  # bitsandbytes' CPU backend: the same code path, slower than plain LoRA and starting worse
+            return True, "train.quantization=4bit on CPU (bitsandbytes CPU backend; plain LoRA is faster on CPU)"
         return True, "train.quantization=4bit"
     if cuda and has_bnb:
         return True, "auto: CUDA and bitsandbytes present -> 4-bit NF4 QLoRA"
@@ -79,7 +82,7 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
             raise ValidationFailed(f"{data[s]}: no records to train {s} on (train.method={tp.method})")
     cuda = device() == "cuda"
     use_4bit, why = choose_quantization(tp.quantization, cuda, importlib.util.find_spec("bitsandbytes") is not None)
-    log.info("train: %s", why)
+    (log.warning if use_4bit and not cuda else log.info)("train: %s", why)
 
     model_path = resolve(params.base.model, params.base.model_cache)
     tok = load_tokenizer(model_path, params.base.trust_remote_code)
@@ -201,6 +204,7 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
     import mlflow
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
+    from peft.tuners.lora import LoraLayer
 
     from loraflow.models import load_causal_lm
 
@@ -213,6 +217,10 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
         log.info("train: resuming %s from %s (step %d)", stage, resume, resumed_from)
 
     model = load_causal_lm(ctx.model_path, quantize_4bit=ctx.use_4bit, trust_remote_code=params.base.trust_remote_code)
+    if ctx.use_4bit:  # QLoRA: norms and embeddings up to float32, base frozen (trl 1.16's trainers do not)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tp.gradient_checkpointing)
     peft_config = None
     if init_adapter is not None:  # sft+dpo: DPO continues the SFT adapter (trl keeps a frozen copy as reference)
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
@@ -240,7 +248,7 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
         data_seed=params.base.seed,
         bf16=ctx.cuda,  # the configs default to bf16, which fails on CPU
         gradient_checkpointing=tp.gradient_checkpointing,
-        optim="paged_adamw_8bit" if ctx.use_4bit else "adamw_torch",
+        optim="paged_adamw_8bit" if ctx.use_4bit and ctx.cuda else "adamw_torch",  # paging needs CUDA
         # real tokens only: padded batches count their attention mask; a padding-free batch has no padding
         # ("non_padding" would miss real tokens equal to the pad id, which is <|im_end|> for SmolLM2)
         include_num_input_tokens_seen="all" if padding_free else "non_padding",
@@ -293,6 +301,8 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
         final = folder / "final"
         trainer.model.save_pretrained(str(final), selected_adapters=["default"])
         trainable, total = trainer.model.get_nb_trainable_parameters()
+        # what the LoRA layers were wrapped around: Linear4bit proves QLoRA really trained on 4-bit weights
+        base_layers = Counter(type(m.base_layer).__name__ for m in trainer.model.modules() if isinstance(m, LoraLayer))
         tokens = int(trainer.state.num_input_tokens_seen or 0)
         chart = training.loss_chart(trainer.state.log_history, f"{ctx.mode}: {stage} loss", final / "loss.png")
         if chart:
@@ -310,6 +320,7 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
             "truncated": truncated,
             "batching": batching,
             "base_weights_unchanged": base_unchanged,
+            "lora_base_layers": dict(base_layers),
             "trainable": trainable,
             "total": total,
             "mlflow_run_id": mrun.info.run_id,
