@@ -14,6 +14,7 @@ train_info.json, whole; each stage (sft, dpo) is its own MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -86,10 +87,13 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
 
     model_path = resolve(params.base.model, params.base.model_cache)
     tok = load_tokenizer(model_path, params.base.trust_remote_code)
-    experiment_id = tracking.setup(params, mode)
+    # Under torchrun / accelerate launch every rank trains its share of each batch; only rank 0 writes the
+    # outputs and talks to MLflow, the others wait for it.
+    rank, world = training.process()
+    experiment_id = tracking.setup(params, mode) if rank == 0 else ""
     ctx = _Context(params, mode, tok, model_path, use_4bit, why, cuda, experiment_id,
                    {"data_sha256": {s: sha256_file(data[s]) for s in stages},
-                    **tracking.dvc_hashes(adapter_dir, mode)})
+                    **tracking.dvc_hashes(adapter_dir, mode)}, rank)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -112,6 +116,7 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
         "quantization": "4bit-nf4" if use_4bit else "none",
         "quantization_reason": why,
         "hardware": torch.cuda.get_device_name(0) if cuda else f"cpu x{os.cpu_count()}",
+        "world_size": world,  # processes that trained (DDP); tokens_seen counts all of them
         "steps": last["steps"],
         "epochs": last["epochs"],
         "train_records": len(records.get("sft", [])),
@@ -143,17 +148,22 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
         "mlflow_experiment_id": experiment_id,
         "git_commit": tracking.git_commit(),
     }
-    with atomic_dir(adapter_dir) as tmp:
-        shutil.copytree(last["checkpoints"] / "final", tmp, dirs_exist_ok=True)
-        tok.save_pretrained(tmp)
-        info["adapter_sha256"] = sha256_file(tmp / "adapter_model.safetensors")
-        for r in info["stages"]:
-            r.pop("history", None)
-        write_json(tmp / "train_info.json", info)
-    _finish_mlflow(ctx, last, adapter_dir, info)
-    if not tp.keep_checkpoints:
-        for r in results:
-            training.remove_checkpoints(r["checkpoints"])
+    info["adapter_sha256"] = last["adapter_sha256"]
+    for r in info["stages"]:
+        r.pop("history", None)
+    training.wait_for_everyone()  # every rank is done with the checkpoints before rank 0 removes them
+    if rank == 0:
+        with atomic_dir(adapter_dir) as tmp:
+            shutil.copytree(last["checkpoints"] / "final", tmp, dirs_exist_ok=True)
+            tok.save_pretrained(tmp)
+            write_json(tmp / "train_info.json", info)
+        _finish_mlflow(ctx, last, adapter_dir, info)
+        if not tp.keep_checkpoints:
+            for r in results:
+                training.remove_checkpoints(r["checkpoints"])
+    training.wait_for_everyone()  # no rank returns before the adapter is written
+    if world > 1:
+        log.info("train: rank %d of %d finished", rank, world)
     log.info("train: %s, %d steps, %d tokens in %.0f s (%.0f tokens/s), final loss %s", tp.method, info["steps"],
              info["tokens_seen"], wall, info["tokens_per_second"] or 0, info["final_loss"])
     return info
@@ -162,9 +172,10 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
 class _Context:
     """What every stage shares: params, tokenizer, the hardware decision, the MLflow experiment."""
 
-    def __init__(self, params, mode, tok, model_path, use_4bit, why, cuda, experiment_id, tags):
+    def __init__(self, params, mode, tok, model_path, use_4bit, why, cuda, experiment_id, tags, rank=0):
         self.params, self.mode, self.tok, self.model_path = params, mode, tok, model_path
         self.use_4bit, self.why, self.cuda, self.experiment_id, self.tags = use_4bit, why, cuda, experiment_id, tags
+        self.main = rank == 0  # the process that writes files and MLflow
 
 
 def micro_batches(batch_size: int, grad_accum: int, packing: bool, attn_implementation: str) -> tuple[int, int, str]:
@@ -247,6 +258,7 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
         seed=params.base.seed,
         data_seed=params.base.seed,
         bf16=ctx.cuda,  # the configs default to bf16, which fails on CPU
+        use_cpu=not ctx.cuda,  # without it accelerate does not join CPU processes (torchrun, accelerate launch)
         gradient_checkpointing=tp.gradient_checkpointing,
         optim="paged_adamw_8bit" if ctx.use_4bit and ctx.cuda else "adamw_torch",  # paging needs CUDA
         # real tokens only: padded batches count their attention mask; a padding-free batch has no padding
@@ -280,16 +292,18 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
                              peft_config=peft_config)
 
     run_name = f"train-{stage}-{ctx.mode}-{params.digest('base', 'train')}"
-    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=run_name,
-                          log_system_metrics=tp.system_metrics) as mrun:
-        mlflow.log_params({**tracking.flat_params(params, "base", "train"), "stage": stage})
-        mlflow.set_tags({"loraflow.mode": ctx.mode, "loraflow.step": "train", "loraflow.stage": stage,
-                         "loraflow.run_key": key, "git_commit": tracking.git_commit() or "",
-                         "data_sha256": ctx.tags["data_sha256"][stage], "quantization": "4bit-nf4" if ctx.use_4bit else "none",
-                         "quantization_reason": ctx.why, "resumed_from_step": str(resumed_from),
-                         **{k: v for k, v in ctx.tags.items() if k.startswith("dvc.")}})
-        callback = training.mlflow_callback(mrun.info.run_id, tp.metrics_flush_every)
-        trainer.add_callback(callback)
+    with (mlflow.start_run(experiment_id=ctx.experiment_id, run_name=run_name, log_system_metrics=tp.system_metrics)
+          if ctx.main else contextlib.nullcontext()) as mrun:
+        callback = None
+        if ctx.main:
+            mlflow.log_params({**tracking.flat_params(params, "base", "train"), "stage": stage})
+            mlflow.set_tags({"loraflow.mode": ctx.mode, "loraflow.step": "train", "loraflow.stage": stage,
+                             "loraflow.run_key": key, "git_commit": tracking.git_commit() or "",
+                             "data_sha256": ctx.tags["data_sha256"][stage], "quantization": "4bit-nf4" if ctx.use_4bit else "none",
+                             "quantization_reason": ctx.why, "resumed_from_step": str(resumed_from),
+                             **{k: v for k, v in ctx.tags.items() if k.startswith("dvc.")}})
+            callback = training.mlflow_callback(mrun.info.run_id, tp.metrics_flush_every)
+            trainer.add_callback(callback)
         before = training.base_fingerprint(trainer.model)
         t0 = time.time()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -299,12 +313,15 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
             raise RuntimeError(f"train {stage}: the base model's weights changed during LoRA training")
         history = [h for h in trainer.state.log_history if "loss" in h]
         final = folder / "final"
-        trainer.model.save_pretrained(str(final), selected_adapters=["default"])
+        if ctx.main:
+            trainer.model.save_pretrained(str(final), selected_adapters=["default"])
+        training.wait_for_everyone()  # every rank reads final/ next (its hash; DPO starts from it)
         trainable, total = trainer.model.get_nb_trainable_parameters()
         # what the LoRA layers were wrapped around: Linear4bit proves QLoRA really trained on 4-bit weights
         base_layers = Counter(type(m.base_layer).__name__ for m in trainer.model.modules() if isinstance(m, LoraLayer))
         tokens = int(trainer.state.num_input_tokens_seen or 0)
-        chart = training.loss_chart(trainer.state.log_history, f"{ctx.mode}: {stage} loss", final / "loss.png")
+        chart = ctx.main and training.loss_chart(trainer.state.log_history, f"{ctx.mode}: {stage} loss",
+                                                 final / "loss.png")
         if chart:
             mlflow.log_artifact(str(chart))
         res = {
@@ -323,13 +340,14 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
             "lora_base_layers": dict(base_layers),
             "trainable": trainable,
             "total": total,
-            "mlflow_run_id": mrun.info.run_id,
-            "mlflow_batches": callback.calls,
+            "mlflow_run_id": mrun.info.run_id if ctx.main else None,
+            "mlflow_batches": callback.calls if callback else 0,
             "adapter_sha256": sha256_file(final / "adapter_model.safetensors"),
             "checkpoints": folder,
         }
-        mlflow.log_metrics({"train_seconds": seconds, "train_loss": float(result.training_loss or 0),
-                            "steps": res["steps"]}, step=res["steps"])
+        if ctx.main:
+            mlflow.log_metrics({"train_seconds": seconds, "train_loss": float(result.training_loss or 0),
+                                "steps": res["steps"]}, step=res["steps"])
     return res
 
 
