@@ -9,9 +9,9 @@ Models: random weights (nothing is downloaded) in the published shapes of Qwen2.
 `AutoModelForCausalLM.from_config` in bf16 on the GPU, saved as safetensors to a scratch folder (RAM-backed
 /dev/shm where it fits) and loaded back 4-bit NF4 with double quantization and bf16 compute, as QLoRA does,
 by loraflow's own loader (`loraflow.models.load_causal_lm`) and by the bare script's `from_pretrained` with
-the same `BitsAndBytesConfig`. Both sides then get `peft.prepare_model_for_kbit_training` (`--no-kbit-prep`
-leaves it out: neither loraflow nor trl 1.16 calls it) and LoRA from params.yaml (r=16, alpha=32, dropout
-0.05, all-linear).
+the same `BitsAndBytesConfig`. Both sides then get `peft.prepare_model_for_kbit_training` (loraflow's train
+step calls it on a 4-bit model; trl 1.16 does not, so the bench calls it for the bare side; `--no-kbit-prep`
+leaves it out there) and LoRA from params.yaml (r=16, alpha=32, dropout 0.05, all-linear).
 Without CUDA nothing is quantized (plain LoRA in float32; with CUDA but no bitsandbytes, in bf16); the output says so.
 
 Data: synthetic chat conversations of 100-1000 tokens (1-3 user/assistant exchanges, a system message half
@@ -261,9 +261,7 @@ def ours(params, work: Path, records: list[dict], use_4bit: bool, why: str, cuda
 
     def load(path, **kw):
         t = time.perf_counter()
-        model = original(path, **kw)
-        if kbit and kw.get("quantize_4bit"):
-            model = kbit_prep(model, params)
+        model = original(path, **kw)  # _train_stage itself then runs prepare_model_for_kbit_training on 4-bit
         load_seconds["s"] = time.perf_counter() - t
         return model
 
@@ -370,7 +368,7 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=100, help="shortest conversation, tokens")
     ap.add_argument("--max-len", type=int, default=1000, help="longest conversation, tokens")
     ap.add_argument("--max-length", type=int, default=1024, help="train.max_length for both sides")
-    ap.add_argument("--no-kbit-prep", action="store_true", help="skip peft's prepare_model_for_kbit_training")
+    ap.add_argument("--no-kbit-prep", action="store_true", help="skip peft's prepare_model_for_kbit_training on the bare side (loraflow's train step always runs it on 4-bit)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM)")
     ap.add_argument("--json", type=Path, help="also write the results here (rewritten after each size)")
     a = ap.parse_args()

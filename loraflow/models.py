@@ -111,25 +111,26 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_causal_lm(path: str, *, quantize_4bit: bool = False, trust_remote_code: bool = False):
-    """Base model for training or generation: float32 on CPU, bf16 (or 4-bit NF4) on CUDA."""
+    """Base model for training or generation: float32 on CPU, bf16 on CUDA; with quantize_4bit, 4-bit NF4
+    (bitsandbytes, CUDA or its CPU backend) computing in that same dtype."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
-    if device() == "cuda":
-        kwargs["dtype"] = torch.bfloat16
-        kwargs["device_map"] = {"": 0}
-        if quantize_4bit:
-            from transformers import BitsAndBytesConfig
+    cuda = device() == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    if cuda:
+        # one whole copy per process: under torchrun / accelerate launch each rank takes its own GPU
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
 
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-            )
-    else:
-        kwargs["dtype"] = torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 

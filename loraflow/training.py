@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -55,6 +56,19 @@ def last_checkpoint(folder: Path) -> Path | None:
             continue
         found.append((int(m.group(1)), d))
     return max(found)[1] if found else None
+
+
+def process() -> tuple[int, int]:
+    """(rank, world size) of this process: torchrun and `accelerate launch` set RANK and WORLD_SIZE; (0, 1) alone.
+    Read from the environment so it is known before the trainer sets up the process group."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def wait_for_everyone() -> None:
+    """A barrier across all ranks (the trainer has set up the process group by then); nothing when alone."""
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
 
 
 def remove_checkpoints(folder: Path) -> None:

@@ -14,11 +14,13 @@ train_info.json, whole; each stage (sft, dpo) is its own MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,10 @@ def choose_quantization(setting: str, cuda: bool, has_bnb: bool) -> tuple[bool, 
     if setting == "none":
         return False, "train.quantization=none"
     if setting == "4bit":
-        if not (cuda and has_bnb):
-            raise ValueError("train.quantization=4bit needs CUDA and the bitsandbytes package")
+        if not has_bnb:
+            raise ValueError("train.quantization=4bit needs the bitsandbytes package (pip install bitsandbytes)")
+        if not cuda:  # bitsandbytes' CPU backend: the same code path, slower than plain LoRA and starting worse
+            return True, "train.quantization=4bit on CPU (bitsandbytes CPU backend; plain LoRA is faster on CPU)"
         return True, "train.quantization=4bit"
     if cuda and has_bnb:
         return True, "auto: CUDA and bitsandbytes present -> 4-bit NF4 QLoRA"
@@ -79,14 +83,17 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
             raise ValidationFailed(f"{data[s]}: no records to train {s} on (train.method={tp.method})")
     cuda = device() == "cuda"
     use_4bit, why = choose_quantization(tp.quantization, cuda, importlib.util.find_spec("bitsandbytes") is not None)
-    log.info("train: %s", why)
+    (log.warning if use_4bit and not cuda else log.info)("train: %s", why)
 
     model_path = resolve(params.base.model, params.base.model_cache)
     tok = load_tokenizer(model_path, params.base.trust_remote_code)
-    experiment_id = tracking.setup(params, mode)
+    # Under torchrun / accelerate launch every rank trains its share of each batch; only rank 0 writes the
+    # outputs and talks to MLflow, the others wait for it.
+    rank, world = training.process()
+    experiment_id = tracking.setup(params, mode) if rank == 0 else ""
     ctx = _Context(params, mode, tok, model_path, use_4bit, why, cuda, experiment_id,
                    {"data_sha256": {s: sha256_file(data[s]) for s in stages},
-                    **tracking.dvc_hashes(adapter_dir, mode)})
+                    **tracking.dvc_hashes(adapter_dir, mode)}, rank)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -109,6 +116,7 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
         "quantization": "4bit-nf4" if use_4bit else "none",
         "quantization_reason": why,
         "hardware": torch.cuda.get_device_name(0) if cuda else f"cpu x{os.cpu_count()}",
+        "world_size": world,  # processes that trained (DDP); tokens_seen counts all of them
         "steps": last["steps"],
         "epochs": last["epochs"],
         "train_records": len(records.get("sft", [])),
@@ -141,18 +149,23 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
         "mlflow_experiment_id": experiment_id,
         "git_commit": tracking.git_commit(),
     }
-    with atomic_dir(adapter_dir) as tmp:
-        shutil.copytree(last["checkpoints"] / "final", tmp, dirs_exist_ok=True)
-        tok.save_pretrained(tmp)
-        generation.write(tmp, params.generate)  # how this adapter answers: evaluate and serving read it back
-        info["adapter_sha256"] = sha256_file(tmp / "adapter_model.safetensors")
-        for r in info["stages"]:
-            r.pop("history", None)
-        write_json(tmp / "train_info.json", info)
-    _finish_mlflow(ctx, last, adapter_dir, info)
-    if not tp.keep_checkpoints:
-        for r in results:
-            training.remove_checkpoints(r["checkpoints"])
+    info["adapter_sha256"] = last["adapter_sha256"]
+    for r in info["stages"]:
+        r.pop("history", None)
+    training.wait_for_everyone()  # every rank is done with the checkpoints before rank 0 removes them
+    if rank == 0:
+        with atomic_dir(adapter_dir) as tmp:
+            shutil.copytree(last["checkpoints"] / "final", tmp, dirs_exist_ok=True)
+            tok.save_pretrained(tmp)
+            generation.write(tmp, params.generate)  # how this adapter answers: evaluate and serving read it back
+            write_json(tmp / "train_info.json", info)
+        _finish_mlflow(ctx, last, adapter_dir, info)
+        if not tp.keep_checkpoints:
+            for r in results:
+                training.remove_checkpoints(r["checkpoints"])
+    training.wait_for_everyone()  # no rank returns before the adapter is written
+    if world > 1:
+        log.info("train: rank %d of %d finished", rank, world)
     log.info("train: %s, %d steps, %d tokens in %.0f s (%.0f tokens/s), final loss %s", tp.method, info["steps"],
              info["tokens_seen"], wall, info["tokens_per_second"] or 0, info["final_loss"])
     return info
@@ -161,9 +174,10 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
 class _Context:
     """What every stage shares: params, tokenizer, the hardware decision, the MLflow experiment."""
 
-    def __init__(self, params, mode, tok, model_path, use_4bit, why, cuda, experiment_id, tags):
+    def __init__(self, params, mode, tok, model_path, use_4bit, why, cuda, experiment_id, tags, rank=0):
         self.params, self.mode, self.tok, self.model_path = params, mode, tok, model_path
         self.use_4bit, self.why, self.cuda, self.experiment_id, self.tags = use_4bit, why, cuda, experiment_id, tags
+        self.main = rank == 0  # the process that writes files and MLflow
 
 
 def micro_batches(batch_size: int, grad_accum: int, packing: bool, attn_implementation: str) -> tuple[int, int, str]:
@@ -203,6 +217,7 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
     import mlflow
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
+    from peft.tuners.lora import LoraLayer
 
     from loraflow.models import load_causal_lm
 
@@ -215,6 +230,10 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
         log.info("train: resuming %s from %s (step %d)", stage, resume, resumed_from)
 
     model = load_causal_lm(ctx.model_path, quantize_4bit=ctx.use_4bit, trust_remote_code=params.base.trust_remote_code)
+    if ctx.use_4bit:  # QLoRA: norms and embeddings up to float32, base frozen (trl 1.16's trainers do not)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tp.gradient_checkpointing)
     peft_config = None
     if init_adapter is not None:  # sft+dpo: DPO continues the SFT adapter (trl keeps a frozen copy as reference)
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
@@ -241,8 +260,9 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
         seed=params.base.seed,
         data_seed=params.base.seed,
         bf16=ctx.cuda,  # the configs default to bf16, which fails on CPU
+        use_cpu=not ctx.cuda,  # without it accelerate does not join CPU processes (torchrun, accelerate launch)
         gradient_checkpointing=tp.gradient_checkpointing,
-        optim="paged_adamw_8bit" if ctx.use_4bit else "adamw_torch",
+        optim="paged_adamw_8bit" if ctx.use_4bit and ctx.cuda else "adamw_torch",  # paging needs CUDA
         # real tokens only: padded batches count their attention mask; a padding-free batch has no padding
         # ("non_padding" would miss real tokens equal to the pad id, which is <|im_end|> for SmolLM2)
         include_num_input_tokens_seen="all" if padding_free else "non_padding",
@@ -274,17 +294,19 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
                              peft_config=peft_config)
 
     run_name = f"train-{stage}-{ctx.mode}-{params.digest('base', 'train')}"
-    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=run_name,
-                          log_system_metrics=tp.system_metrics) as mrun:
-        mlflow.log_params({**tracking.flat_params(params, "base", "train"), "stage": stage})
-        mlflow.set_tags({"loraflow.mode": ctx.mode, "loraflow.step": "train", "loraflow.stage": stage,
-                         "loraflow.run_key": key, "git_commit": tracking.git_commit() or "",
-                         "data_sha256": ctx.tags["data_sha256"][stage], "quantization": "4bit-nf4" if ctx.use_4bit else "none",
-                         "quantization_reason": ctx.why, "resumed_from_step": str(resumed_from),
-                         **{k: v for k, v in ctx.tags.items() if k.startswith("dvc.")}})
-        callback = training.mlflow_callback(mrun.info.run_id, tp.metrics_flush_every)
-        trainer.add_callback(callback)
-        trainer.add_callback(training.progress_callback(f"train {ctx.mode} {stage}"))
+    with (mlflow.start_run(experiment_id=ctx.experiment_id, run_name=run_name, log_system_metrics=tp.system_metrics)
+          if ctx.main else contextlib.nullcontext()) as mrun:
+        callback = None
+        if ctx.main:
+            mlflow.log_params({**tracking.flat_params(params, "base", "train"), "stage": stage})
+            mlflow.set_tags({"loraflow.mode": ctx.mode, "loraflow.step": "train", "loraflow.stage": stage,
+                             "loraflow.run_key": key, "git_commit": tracking.git_commit() or "",
+                             "data_sha256": ctx.tags["data_sha256"][stage], "quantization": "4bit-nf4" if ctx.use_4bit else "none",
+                             "quantization_reason": ctx.why, "resumed_from_step": str(resumed_from),
+                             **{k: v for k, v in ctx.tags.items() if k.startswith("dvc.")}})
+            callback = training.mlflow_callback(mrun.info.run_id, tp.metrics_flush_every)
+            trainer.add_callback(callback)
+            trainer.add_callback(training.progress_callback(f"train {ctx.mode} {stage}"))
         before = training.base_fingerprint(trainer.model)
         t0 = time.time()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -294,10 +316,15 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
             raise RuntimeError(f"train {stage}: the base model's weights changed during LoRA training")
         history = [h for h in trainer.state.log_history if "loss" in h]
         final = folder / "final"
-        trainer.model.save_pretrained(str(final), selected_adapters=["default"])
+        if ctx.main:
+            trainer.model.save_pretrained(str(final), selected_adapters=["default"])
+        training.wait_for_everyone()  # every rank reads final/ next (its hash; DPO starts from it)
         trainable, total = trainer.model.get_nb_trainable_parameters()
+        # what the LoRA layers were wrapped around: Linear4bit proves QLoRA really trained on 4-bit weights
+        base_layers = Counter(type(m.base_layer).__name__ for m in trainer.model.modules() if isinstance(m, LoraLayer))
         tokens = int(trainer.state.num_input_tokens_seen or 0)
-        chart = training.loss_chart(trainer.state.log_history, f"{ctx.mode}: {stage} loss", final / "loss.png")
+        chart = ctx.main and training.loss_chart(trainer.state.log_history, f"{ctx.mode}: {stage} loss",
+                                                 final / "loss.png")
         if chart:
             mlflow.log_artifact(str(chart))
         res = {
@@ -313,15 +340,17 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
             "truncated": truncated,
             "batching": batching,
             "base_weights_unchanged": base_unchanged,
+            "lora_base_layers": dict(base_layers),
             "trainable": trainable,
             "total": total,
-            "mlflow_run_id": mrun.info.run_id,
-            "mlflow_batches": callback.calls,
+            "mlflow_run_id": mrun.info.run_id if ctx.main else None,
+            "mlflow_batches": callback.calls if callback else 0,
             "adapter_sha256": sha256_file(final / "adapter_model.safetensors"),
             "checkpoints": folder,
         }
-        mlflow.log_metrics({"train_seconds": seconds, "train_loss": float(result.training_loss or 0),
-                            "steps": res["steps"]}, step=res["steps"])
+        if ctx.main:
+            mlflow.log_metrics({"train_seconds": seconds, "train_loss": float(result.training_loss or 0),
+                                "steps": res["steps"]}, step=res["steps"])
     return res
 
 

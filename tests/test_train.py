@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,8 +34,10 @@ def test_quantization_choice_says_why():
     use, why = choose_quantization("auto", cuda=False, has_bnb=True)
     assert use is False and "no CUDA" in why
     assert choose_quantization("auto", cuda=True, has_bnb=False) == (False, "auto: CUDA present but bitsandbytes missing -> plain LoRA in bf16")
-    with pytest.raises(ValueError, match="needs CUDA"):
-        choose_quantization("4bit", cuda=False, has_bnb=True)
+    use, why = choose_quantization("4bit", cuda=False, has_bnb=True)  # bitsandbytes' CPU backend, with a warning
+    assert use is True and "on CPU" in why
+    with pytest.raises(ValueError, match="needs the bitsandbytes package"):
+        choose_quantization("4bit", cuda=False, has_bnb=False)
 
 
 def test_packed_blocks_go_one_per_forward_without_a_varlen_kernel():
@@ -218,6 +221,52 @@ def test_sft_then_dpo_on_preference_pairs_gives_an_adapter_and_its_own_run(proje
     # DPO alone, from the base model.
     only = _train(project, "train.method=dpo")
     assert [s["stage"] for s in only["stages"]] == ["dpo"] and only["adapter_sha256"] not in (sft_sha, info["adapter_sha256"])
+
+
+@pytest.mark.slow
+def test_qlora_trains_on_4bit_weights_on_cpu_and_the_adapter_serves_the_unquantized_base(project):
+    """The QLoRA path (NF4 load, k-bit preparation, LoRA on 4-bit layers, save) through bitsandbytes' CPU
+    backend; the adapter then runs on the float32 base, as evaluate and serve load it."""
+    import math
+
+    import torch
+    from peft import PeftModel
+
+    from loraflow.models import load_causal_lm, load_tokenizer, resolve
+
+    _prepared(project, [*FAST, "train.max_length=96"])
+    r = subprocess.run(_train_cmd("-S", "train.quantization=4bit"), cwd=project, env=_env(), capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    # allowed on CPU, not silently
+    assert re.search(r"^WARNING \S+: train: train.quantization=4bit on CPU", r.stderr, re.M), r.stderr[-3000:]
+    adapter = project / "data" / "adapters" / MODE
+    info = read_json(adapter / "train_info.json")
+    stage = info["stages"][0]
+    assert info["quantization"] == "4bit-nf4" and info["hardware"].startswith("cpu")
+    # every LoRA layer wrapped a bitsandbytes 4-bit layer (210 = 30 layers x 7 linear projections)
+    assert stage["lora_base_layers"] == {"Linear4bit": 210}
+    assert info["steps"] == 3 and info["final_loss"] is not None and math.isfinite(info["final_loss"])
+    assert stage["base_weights_unchanged"] is True
+
+    w = _tensors(adapter / "adapter_model.safetensors")
+    assert w and all("lora_A" in k or "lora_B" in k for k in w)
+    assert all(float(t.abs().sum()) > 0 for k, t in w.items() if "lora_B" in k)  # B starts at zero: all trained
+
+    # The adapter on the unquantized float32 base: it loads, changes the logits, and generates.
+    params = load_params(project / "params.yaml")
+    path = resolve(params.base.model, params.base.model_cache)
+    tok, base = load_tokenizer(path), load_causal_lm(path).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": "O que é ROAS?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        before = base(**ids).logits
+        model = PeftModel.from_pretrained(base, str(adapter)).eval()
+        assert not any("Linear4bit" in type(m).__name__ for m in model.modules())
+        after = model(**ids).logits
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert float((after - before).abs().max()) > 1e-3
+    assert out.shape[1] > ids["input_ids"].shape[1] and tok.decode(out[0, ids["input_ids"].shape[1]:]).strip()
 
 
 @pytest.mark.gpu
