@@ -59,8 +59,9 @@ RATES = {"stop_rate": ("answers that end their turn", False), "loop_rate": ("ans
          "empty_rate": ("empty answers", True), "seq_rep_4": ("mean share of repeated word 4-grams", True)}
 
 
-def rate_rows(metrics: dict, models: tuple[str, ...]) -> list[list[str]]:
-    """One row per rate, one column per model present: "mean [low, high]" (reports and model cards)."""
+def rate_table(metrics: dict, models: tuple[str, ...]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) for reports and model cards: one row per rate, one column per model that has rates,
+    "mean [low, high]"; ([], []) when no model has them."""
     present = [m for m in models if (metrics.get(m) or {}).get("degeneration")]
     rows = []
     for rate, (what, _) in RATES.items():
@@ -71,7 +72,7 @@ def rate_rows(metrics: dict, models: tuple[str, ...]) -> list[list[str]]:
             f = "{:.0%}" if pct else "{:.3f}"
             cells.append(f"{f.format(s['mean'])} [{f.format(s['ci_low'])}, {f.format(s['ci_high'])}]" if s else "—")
         rows.append([f"{rate} ({what})", *cells])
-    return rows if present else []
+    return (["rate", *present], rows) if present else ([], [])
 
 
 def per_example(rows: list[dict[str, Any]]) -> dict[str, list[float]]:

@@ -113,11 +113,10 @@ def _regressions(worst: dict, metric: str) -> str:
 
 
 def _degeneration(block: dict) -> list[str]:
-    rows = degeneration.rate_rows(block, MODELS)
+    head, rows = degeneration.rate_table(block, MODELS)
     if not rows:
         return []
-    models = [m for m in MODELS if (block.get(m) or {}).get("degeneration")]
-    return ["<h4>Degenerate answers (a loop: some word 4-gram said 3+ times)</h4>", _table(["rate", *models], rows)]
+    return ["<h4>Degenerate answers (a loop: some word 4-gram said 3+ times)</h4>", _table(head, rows)]
 
 
 def report_html(metrics: dict, png: bytes) -> str:

@@ -41,17 +41,14 @@ def _fmt_delta(s: dict | None) -> str:
 
 def _degeneration_table(metrics: dict) -> str:
     """Degenerate answers per model (stop, loop, empty, seq-rep-4), as evaluate measured them."""
-    models = ("base", "champion", "candidate")
-    rows = degeneration.rate_rows(metrics, models)
+    head, rows = degeneration.rate_table(metrics, ("base", "champion", "candidate"))
     if not rows:
         return ""
-    present = [m for m in models if (metrics.get(m) or {}).get("degeneration")]
     g = metrics["generation"].get("generation_config") or {}
     decoding = ", ".join(f"{k} {g[k]}" for k in ("repetition_penalty", "no_repeat_ngram_size") if k in g)
     return ("\nDegenerate answers (a loop: some word 4-gram said 3+ times; stop: the answer ended its turn "
             f"before the token limit){'; decoding ' + decoding if decoding else ''}:\n\n"
-            f"| rate | {' | '.join(present)} |\n|---|{'---|' * len(present)}\n"
-            + "\n".join(f"| {' | '.join(r)} |" for r in rows) + "\n")
+            + "\n".join(f"| {' | '.join(r)} |" for r in [head, ["---"] * len(head), *rows]) + "\n")
 
 
 def render(params: Params, mode: str, stats: dict, info: dict, metrics: dict, decision: dict) -> str:
