@@ -266,7 +266,7 @@ def ours(params, work: Path, records: list[dict], use_4bit: bool, why: str, cuda
         return model
 
     tok = load_tokenizer(str(work / "tokenizer"))
-    ctx = train_step._Context(params, "bench", tok, str(work / "model"), use_4bit, why, cuda, "0",
+    ctx = train_step._Context(params, "bench", tok, str(work / "model"), use_4bit, why, cuda, cuda, "0",
                               {"data_sha256": {"sft": "bench"}})
     key = training.run_key(params, "sft", "bench")
     saved = sys.modules.get("mlflow"), training.mlflow_callback

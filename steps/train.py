@@ -47,7 +47,32 @@ def choose_quantization(setting: str, cuda: bool, has_bnb: bool) -> tuple[bool, 
         return True, "auto: CUDA and bitsandbytes present -> 4-bit NF4 QLoRA"
     if cuda:
         return False, "auto: CUDA present but bitsandbytes missing -> plain LoRA in bf16"
-    return False, "auto: no CUDA -> plain LoRA in float32 (QLoRA on CPU is slower and starts worse)"
+    return False, "auto: no CUDA -> plain LoRA (QLoRA on CPU is slower and starts worse)"
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix instructions (AVX512-BF16 or AMX): without them bf16 on CPU is emulated and slow."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def choose_precision(setting: str, cuda: bool, cuda_bf16: bool, cpu_bf16: bool, use_4bit: bool) -> tuple[bool, str]:
+    """bf16 autocast (the LoRA and base weights stay float32) or float32; returns (bf16, reason)."""
+    if setting == "fp32":
+        return False, "train.precision=fp32"
+    if setting == "bf16":
+        if cuda and not cuda_bf16:
+            raise ValueError("train.precision=bf16: this GPU has no bf16 support; use train.precision=fp32")
+        slow = "" if cuda or cpu_bf16 else " (this CPU emulates bf16: expect it many times slower than fp32)"
+        return True, "train.precision=bf16" + slow
+    if cuda:
+        return (True, "auto: CUDA with bf16") if cuda_bf16 else (False, "auto: CUDA without bf16 -> float32")
+    if use_4bit:  # the bitsandbytes CPU backend computes in float32 (its tested path)
+        return False, "auto: 4-bit on CPU -> float32"
+    if cpu_bf16:
+        return True, "auto: CPU with native bf16 instructions (AVX512-BF16/AMX) -> bf16 autocast"
+    return False, "auto: CPU without native bf16 -> float32"
 
 
 def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, adapter_dir: Path) -> dict[str, Any]:
@@ -84,6 +109,9 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
     cuda = device() == "cuda"
     use_4bit, why = choose_quantization(tp.quantization, cuda, importlib.util.find_spec("bitsandbytes") is not None)
     (log.warning if use_4bit and not cuda else log.info)("train: %s", why)
+    bf16, why_precision = choose_precision(tp.precision, cuda, cuda and torch.cuda.is_bf16_supported(),
+                                           not cuda and cpu_has_bf16(), use_4bit)
+    (log.warning if "emulates" in why_precision else log.info)("train: %s", why_precision)
 
     model_path = resolve(params.base.model, params.base.model_cache)
     tok = load_tokenizer(model_path, params.base.trust_remote_code)
@@ -91,7 +119,7 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
     # outputs and talks to MLflow, the others wait for it.
     rank, world = training.process()
     experiment_id = tracking.setup(params, mode) if rank == 0 else ""
-    ctx = _Context(params, mode, tok, model_path, use_4bit, why, cuda, experiment_id,
+    ctx = _Context(params, mode, tok, model_path, use_4bit, why, cuda, bf16, experiment_id,
                    {"data_sha256": {s: sha256_file(data[s]) for s in stages},
                     **tracking.dvc_hashes(adapter_dir, mode)}, rank)
     if cuda:
@@ -115,6 +143,8 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
         "base_model": params.base.model,
         "quantization": "4bit-nf4" if use_4bit else "none",
         "quantization_reason": why,
+        "precision": "bf16" if bf16 else "fp32",
+        "precision_reason": why_precision,
         "hardware": torch.cuda.get_device_name(0) if cuda else f"cpu x{os.cpu_count()}",
         "world_size": world,  # processes that trained (DDP); tokens_seen counts all of them
         "steps": last["steps"],
@@ -174,9 +204,10 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
 class _Context:
     """What every stage shares: params, tokenizer, the hardware decision, the MLflow experiment."""
 
-    def __init__(self, params, mode, tok, model_path, use_4bit, why, cuda, experiment_id, tags, rank=0):
+    def __init__(self, params, mode, tok, model_path, use_4bit, why, cuda, bf16, experiment_id, tags, rank=0):
         self.params, self.mode, self.tok, self.model_path = params, mode, tok, model_path
-        self.use_4bit, self.why, self.cuda, self.experiment_id, self.tags = use_4bit, why, cuda, experiment_id, tags
+        self.use_4bit, self.why, self.cuda, self.bf16 = use_4bit, why, cuda, bf16
+        self.experiment_id, self.tags = experiment_id, tags
         self.main = rank == 0  # the process that writes files and MLflow
 
 
@@ -259,7 +290,7 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
         report_to="none",  # our callback logs to MLflow in batches: no HTTP call per step
         seed=params.base.seed,
         data_seed=params.base.seed,
-        bf16=ctx.cuda,  # the configs default to bf16, which fails on CPU
+        bf16=ctx.bf16,  # autocast; trl's configs default to bf16=True, which on an older CPU is emulated and slow
         use_cpu=not ctx.cuda,  # without it accelerate does not join CPU processes (torchrun, accelerate launch)
         gradient_checkpointing=tp.gradient_checkpointing,
         optim="paged_adamw_8bit" if ctx.use_4bit and ctx.cuda else "adamw_torch",  # paging needs CUDA
@@ -302,7 +333,8 @@ def _train_stage(ctx: _Context, stage: str, key: str, records: list[dict], init_
             mlflow.set_tags({"loraflow.mode": ctx.mode, "loraflow.step": "train", "loraflow.stage": stage,
                              "loraflow.run_key": key, "git_commit": tracking.git_commit() or "",
                              "data_sha256": ctx.tags["data_sha256"][stage], "quantization": "4bit-nf4" if ctx.use_4bit else "none",
-                             "quantization_reason": ctx.why, "resumed_from_step": str(resumed_from),
+                             "quantization_reason": ctx.why,
+                             "precision": "bf16" if ctx.bf16 else "fp32", "resumed_from_step": str(resumed_from),
                              **{k: v for k, v in ctx.tags.items() if k.startswith("dvc.")}})
             callback = training.mlflow_callback(mrun.info.run_id, tp.metrics_flush_every)
             trainer.add_callback(callback)

@@ -20,6 +20,15 @@ def test_project_params_load_and_match_defaults_types():
     assert p.base.modes and p.train.lora_alpha >= p.train.lora_r
 
 
+def test_params_yaml_shows_the_typed_defaults():
+    """One source of truth: a key left out of params.yaml means what params.yaml ships. Only what names this
+    project's own data may differ from the built-in defaults."""
+    shipped, built_in = load_params(ROOT / "params.yaml").to_dict(), Params().to_dict()
+    own = {("base", "modes"), ("evaluate", "guard_sets"), ("model_card", "tags")}
+    differ = {(s, k) for s in shipped for k in shipped[s] if shipped[s][k] != built_in[s][k]}
+    assert differ <= own, sorted(differ - own)
+
+
 def test_every_section_in_params_yaml_is_a_step_or_shared():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert set(raw) == {*SHARED, *STEPS}

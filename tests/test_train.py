@@ -21,7 +21,7 @@ import yaml
 from loraflow import training
 from loraflow.config import apply_overrides, load_params
 from loraflow.io import read_json, sha256_file, write_json
-from steps.train import choose_quantization
+from steps.train import choose_precision, choose_quantization, cpu_has_bf16
 from tests.conftest import FORMATS, MODE, ROOT, mlflow_client
 
 BIN = Path(sys.executable).parent
@@ -38,6 +38,20 @@ def test_quantization_choice_says_why():
     assert use is True and "on CPU" in why
     with pytest.raises(ValueError, match="needs the bitsandbytes package"):
         choose_quantization("4bit", cuda=False, has_bnb=False)
+
+
+def test_precision_choice_uses_bf16_only_where_the_hardware_has_it():
+    assert choose_precision("auto", cuda=True, cuda_bf16=True, cpu_bf16=False, use_4bit=True)[0] is True
+    assert choose_precision("auto", cuda=True, cuda_bf16=False, cpu_bf16=False, use_4bit=False)[0] is False
+    bf16, why = choose_precision("auto", cuda=False, cuda_bf16=False, cpu_bf16=True, use_4bit=False)
+    assert bf16 is True and "AVX512-BF16" in why
+    assert choose_precision("auto", cuda=False, cuda_bf16=False, cpu_bf16=False, use_4bit=False)[0] is False
+    assert choose_precision("auto", cuda=False, cuda_bf16=False, cpu_bf16=True, use_4bit=True)[0] is False
+    assert choose_precision("fp32", cuda=True, cuda_bf16=True, cpu_bf16=True, use_4bit=False) == (False, "train.precision=fp32")
+    bf16, why = choose_precision("bf16", cuda=False, cuda_bf16=False, cpu_bf16=False, use_4bit=False)
+    assert bf16 is True and "emulates bf16" in why  # asked for: done, with a warning
+    with pytest.raises(ValueError, match="no bf16 support"):
+        choose_precision("bf16", cuda=True, cuda_bf16=False, cpu_bf16=False, use_4bit=False)
 
 
 def test_packed_blocks_go_one_per_forward_without_a_varlen_kernel():
@@ -147,6 +161,7 @@ def test_lora_weights_move_base_stays_and_one_seed_gives_one_adapter(project):
     assert info["stages"][0]["base_weights_unchanged"] is True
     assert info["steps"] == 3 and info["tokens_seen"] > 0 and info["loss_mask"].startswith("assistant turns")
     assert info["quantization"] == "none" and "no CUDA" in info["quantization_reason"]
+    assert info["precision"] == ("bf16" if cpu_has_bf16() else "fp32")  # params.yaml's auto, on this CPU
     assert (adapter / "loss.png").read_bytes()[:4] == b"\x89PNG" and (adapter / "tokenizer_config.json").exists()
     assert not (project / ".checkpoints" / MODE).exists()  # removed once the run finished
 
