@@ -153,7 +153,14 @@ def pull_adapter(params: Params, p: Paths, record: dict[str, Any]) -> dict[str, 
     sha, run_id = record["adapter_sha256"], record["mlflow_run_id"]
     pull(p.root, record["adapter_md5"], p.adapter, {"adapter_model.safetensors": sha})
     info = read_json(p.adapter / "train_info.json")
-    tags = _client(params).get_run(run_id).data.tags
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = _client(params).get_run(run_id).data.tags
+    except MlflowException as e:
+        raise HandoffError(f"MLflow run {run_id} (the worker's training run) is not in {tracking.tracking_uri(params)}: "
+                           "the controller and the worker must use the same MLflow server (base.tracking_uri or "
+                           f"MLFLOW_TRACKING_URI) ({e})") from None
     seen = {"train_info.json adapter_sha256": info.get("adapter_sha256"),
             f"MLflow run {run_id} tag adapter_sha256": tags.get("adapter_sha256")}
     bad = {k: v for k, v in seen.items() if v != sha}

@@ -94,6 +94,10 @@ def test_the_controller_checks_the_pulled_adapter_against_train_info_and_the_mlf
     assert record["checkout"] == str(b) and client.get_run(run_id).data.tags["dvc.adapter_md5"] == record["adapter_md5"]
     assert handoff.pull_adapter(params, pa, record)["mlflow_run_id"] == run_id
 
+    elsewhere = load_params(ROOT / "params.yaml", [f"base.tracking_uri=sqlite:///{b / 'own.db'}"])
+    with pytest.raises(handoff.HandoffError, match="same MLflow server"):  # each side logging to its own store
+        handoff.pull_adapter(elsewhere, pa, record)
+
     client.set_tag(run_id, "adapter_sha256", "0" * 64)  # the run says another adapter was trained
     with pytest.raises(handoff.HandoffError, match=f"MLflow run {run_id} tag adapter_sha256"):
         handoff.pull_adapter(params, pa, record)
