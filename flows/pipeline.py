@@ -12,14 +12,16 @@ Deployments (nightly, on demand, training on a GPU pool): see prefect.yaml.
 - A failed validation fails its task, so the flow ends Failed with the validation message and nothing
   downstream runs.
 - Training runs in-process, or, when `train_deployment` (env LORAFLOW_TRAIN_DEPLOYMENT) names a deployment
-  of the `loraflow-train` flow, on that deployment's work pool (the GPU one), which must see the same
-  project folder.
+  of the `loraflow-train` flow, on that deployment's work pool (the GPU one), in the worker's own checkout:
+  the validated data goes there and the adapter comes back through the DVC remote, by md5 (loraflow.handoff);
+  the worker's record of what it did is its flow run's `handoff-<mode>` artifact.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,8 +33,9 @@ from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from prefect.filesystems import LocalFileSystem
 from prefect.variables import Variable
 
+from loraflow import handoff as handoff_io
 from loraflow.config import Params, Paths, load_params, stage_sections
-from loraflow.io import read_json, sha256_file, sha256_tree
+from loraflow.io import sha256_file, sha256_tree
 from steps import curate as curate_step
 from steps import evaluate as evaluate_step
 from steps import model_card as model_card_step
@@ -173,21 +176,64 @@ def _load(mode: str, params_file: str, overrides: list[str] | None, root: str) -
 
 @flow(name="loraflow-train", flow_run_name=run_name)
 def train_flow(mode: str, params_file: str = "params.yaml", overrides: list[str] | None = None,
-               root: str = ".", refresh: bool = False) -> dict[str, Any]:
-    """Only the training step: deployed to the GPU work pool (prefect.yaml), started by `pipeline`."""
+               root: str = ".", refresh: bool = False, handoff: dict[str, str] | None = None) -> dict[str, Any]:
+    """Only the training step: deployed to the GPU work pool (prefect.yaml), started by `pipeline`.
+
+    With `handoff` (from `pipeline` in another checkout: the DVC md5s of the validated data, the sha256 of
+    the validation report, the digest of the train params), the data comes from the DVC remote and the
+    adapter goes back to it; the flow run's `handoff-<mode>` artifact records what was trained where.
+    """
     params, p = _load(mode, params_file, overrides, root)
-    return _step(train, params, p, refresh, result_storage(p))
+    if handoff is None:
+        return _step(train, params, p, refresh, result_storage(p))
+    digest = params.digest(*stage_sections("train"))
+    if digest != handoff["params_digest"]:
+        raise ValueError(f"{p.root / params_file}: this checkout's train params (digest {digest}, with "
+                         f"overrides {overrides}) differ from the controller's ({handoff['params_digest']}): "
+                         "check out the controller's commit")
+    handoff_io.pull_inputs(p, handoff)
+    info = _step(train, params, p, refresh, result_storage(p))
+    record = handoff_io.push_adapter(params, p, info, handoff)
+    create_table_artifact(key=_handoff_key(mode), table=[record],
+                          description=f"The {mode} adapter this run trained, pushed to the DVC remote")
+    return record
 
 
-def _train_elsewhere(deployment: str, parameters: dict[str, Any], p: Paths) -> dict[str, Any]:
+def _handoff_key(mode: str) -> str:
+    return f"handoff-{mode.lower().replace('_', '-')}"
+
+
+def _handoff_record(flow_run_id: Any, mode: str) -> dict[str, Any]:
+    """The record a training run left as its artifact: the server is all the controller shares with it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[_handoff_key(mode)]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    if len(found) != 1:
+        raise RuntimeError(f"training run {flow_run_id}: expected one {_handoff_key(mode)} artifact, found {len(found)}")
+    return json.loads(found[0].data)[0]
+
+
+def _train_elsewhere(deployment: str, params: Params, p: Paths, params_file: str, overrides: list[str] | None,
+                     refresh: bool) -> dict[str, Any]:
+    """Train on another pool's worker, in its own checkout: the data and the adapter travel by DVC md5."""
     from prefect.deployments import run_deployment
 
-    fr = run_deployment(deployment, parameters=parameters, timeout=None)
+    try:  # the worker resolves it in its checkout
+        rel = Path(params_file).resolve().relative_to(p.root)
+    except ValueError:
+        raise ValueError(f"{params_file}: outside the project {p.root}, so a worker in another checkout cannot "
+                         "read it; keep the params file in the project (committed)") from None
+    sent = {**handoff_io.push_inputs(p), "params_digest": params.digest(*stage_sections("train"))}
+    fr = run_deployment(deployment, timeout=None, parameters={
+        "mode": p.mode, "params_file": str(rel), "overrides": overrides, "refresh": refresh, "handoff": sent})
     if not fr.state or not fr.state.is_completed():
         state = fr.state.name if fr.state else "unknown"
         raise RuntimeError(f"training run {fr.name} of deployment {deployment} ended {state}: "
                            f"{fr.state.message if fr.state else ''}")
-    return read_json(p.adapter / "train_info.json")
+    return handoff_io.pull_adapter(params, p, _handoff_record(fr.id, p.mode))
 
 
 def _eval_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -220,8 +266,7 @@ def pipeline(mode: str, params_file: str = "params.yaml", overrides: list[str] |
     _step(validate, params, p, refresh, storage)
     train_deployment = train_deployment or os.environ.get("LORAFLOW_TRAIN_DEPLOYMENT")
     if train_deployment:
-        _train_elsewhere(train_deployment, {"mode": mode, "params_file": str(Path(params_file).resolve()),
-                                            "overrides": overrides, "root": str(p.root), "refresh": refresh}, p)
+        _train_elsewhere(train_deployment, params, p, params_file, overrides, refresh)
     else:
         _step(train, params, p, refresh, storage)
     metrics = _step(evaluate, params, p, refresh, storage)

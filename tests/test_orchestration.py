@@ -95,6 +95,9 @@ def test_prefect_yaml_deployments():
     assert set(deps) == {"nightly", "on-demand", "gpu", "raw-data-check"}
     assert deps["nightly"]["schedules"][0]["cron"] == "0 2 * * *" and "schedules" not in deps["on-demand"]
     assert deps["gpu"]["work_pool"]["name"] == "gpu" and deps["gpu"]["work_pool"]["job_variables"]["env"]
+    # the gpu worker trains in its own checkout (LORAFLOW_HOME), not in the folder `prefect deploy` ran in
+    assert deps["gpu"]["pull"] == [{"flows.checkout.worker_checkout": {}}]
+    assert all("pull" not in deps[n] for n in ("nightly", "on-demand", "raw-data-check"))
     assert {deps[n]["work_pool"]["name"] for n in ("nightly", "on-demand", "raw-data-check")} == {"cpu"}
     # the pipeline hands training to the gpu deployment, named as flow/deployment
     train_flow = importlib.import_module("flows.pipeline").train_flow

@@ -123,6 +123,11 @@ def test_deployments_on_a_real_server_with_workers(project, tracking, tmp_path):
 
     shutil.copy(ROOT / "prefect.yaml", project / "prefect.yaml")
     shutil.copytree(ROOT / "flows", project / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    # training hands data and adapter over through a DVC remote (here to the gpu worker in the same folder;
+    # tests/test_two_clones.py has it in another clone)
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"],
+                [str(BIN / "dvc"), "remote", "add", "-d", "shared", str(tmp_path / "dvc-remote")]):
+        subprocess.run(cmd, cwd=project, check=True, capture_output=True)
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
@@ -147,7 +152,7 @@ def test_deployments_on_a_real_server_with_workers(project, tracking, tmp_path):
         for pool in ("cpu", "gpu"):
             worker_logs.append(logs / f"worker-{pool}.log")
             stack.enter_context(_process([str(BIN / "prefect"), "worker", "start", "--pool", pool],
-                                         project, env, worker_logs[-1]))
+                                         project, {**env, "LORAFLOW_HOME": str(project)}, worker_logs[-1]))
 
         stack.enter_context(temporary_settings({PREFECT_API_URL: api}))
         client = stack.enter_context(get_client(sync_client=True))
