@@ -107,7 +107,7 @@ def main() -> None:
         # was 5-8x slower here whichever side ran it.
         for mode in ("bench_b", "bench_a"):
             served(mode, a.tokens)
-        ad, _ = engine.acquire("bench_a")  # the very adapter object the server uses, pinned for the bare runs
+        ad, _ = engine.adapters.acquire("bench_a")  # the very adapter object the server uses, pinned for the bare runs
 
         def bare(n: int) -> tuple[int, float]:
             enc = engine.encode(PROMPT)
@@ -132,7 +132,7 @@ def main() -> None:
                     n, dt = bare(a.tokens)
                     bare_tps.append(n / dt)
         assert r["usage"]["completion_tokens"] == n, (r["usage"], n)  # same work on both sides
-        engine.release(ad)
+        engine.adapters.release(ad)
 
         switch_ms, alt, same = [], [], []
         for i in range(a.switches):
