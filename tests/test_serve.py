@@ -342,3 +342,55 @@ def test_loraflow_serve_command_listens_on_loopback_and_answers(env):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+KEYS = {"trainer": "sk-lf-trainer-0123456789", "viewer": "sk-lf-viewer-0123456789", "slow": "sk-lf-slow-0123456789ab"}
+
+
+def keyed_client(env, root: Path, **kw):
+    """A TestClient on an app with API keys, sharing the module's engine (no second model load)."""
+    from fastapi.testclient import TestClient
+
+    from loraflow.serve import auth, create_app
+
+    keys = [auth.ApiKey("trainer", auth.digest(KEYS["trainer"]), train=True, rpm=1000),
+            auth.ApiKey("viewer", auth.digest(KEYS["viewer"]), train=False, rpm=1000),
+            auth.ApiKey("slow", auth.digest(KEYS["slow"]), train=True, rpm=2)]
+    settings = type(env["settings"])(**{**vars(env["settings"]), "root": root, "poll_interval": 0, "keys": keys, **kw})
+    return TestClient(create_app(env["params"], settings, engine=env["app"].state.engine))
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+def test_api_keys_401_openai_errors_and_per_key_rate_limit(env, tmp_path):
+    import openai
+
+    with keyed_client(env, tmp_path) as c:
+        r = c.get("/v1/models")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["code"] == "invalid_api_key" and "didn't provide an API key" in r.json()["error"]["message"]
+        r = c.post("/chat", json={"mode": "alpha", "messages": Q}, headers={"Authorization": "Bearer sk-lf-wrong-0123456789"})
+        assert r.status_code == 401 and r.json()["error"]["message"] == "Incorrect API key provided."
+        assert c.post("/feedback", json={"mode": "alpha", "messages": Q, "rating": 5, "answer": "x"}).status_code == 401
+        assert c.post("/adapters/reload").status_code == 401
+        assert c.get("/health").json() == {"status": "ok"}  # liveness for anyone, the details for key holders
+        assert set(MODES) <= set(c.get("/health", headers=bearer("viewer")).json()["modes"])
+
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key=KEYS["viewer"], http_client=c, max_retries=0)
+        assert {m.id for m in client.models.list().data} >= {"base", *MODES}
+        r = client.chat.completions.create(model="alpha", messages=Q, max_tokens=4, temperature=0)
+        assert r.model_extra["loraflow"]["mode"] == "alpha"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url="http://testserver/v1", api_key="sk-lf-wrong-0123456789", http_client=c,
+                          max_retries=0).models.list()
+
+        slow = openai.OpenAI(base_url="http://testserver/v1", api_key=KEYS["slow"], http_client=c, max_retries=0)
+        slow.models.list()
+        slow.models.list()
+        with pytest.raises(openai.RateLimitError) as e:  # rpm 2: the third within the minute waits ~30 s
+            slow.models.list()
+        assert e.value.response.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 25 <= int(e.value.response.headers["retry-after"]) <= 31
+        assert c.get("/v1/models", headers=bearer("viewer")).status_code == 200  # other keys are unaffected

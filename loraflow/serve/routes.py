@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loraflow import feedback as fb
 from loraflow.config import Params, registered_model_name
+from loraflow.serve import auth
 from loraflow.serve.adapters import Adapter
 from loraflow.serve.engine import Engine, TokenStream
 from loraflow.serve.feedback import FeedbackSink
@@ -80,11 +81,22 @@ class FeedbackRequest(BaseModel):
         return self
 
 
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+
+
+def _openai_error(status: int, message: str, code: str, err_type: str = "invalid_request_error",
+                  headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error body as OpenAI's API gives it, so its clients raise their usual exceptions."""
+    return JSONResponse({"error": {"message": message, "type": err_type, "param": None, "code": code}},
+                        status_code=status, headers=headers)
+
+
 def _field_error(status: int, field: str, msg: str) -> HTTPException:
     return HTTPException(status, detail=[{"loc": ["body", field], "msg": msg, "type": "value_error"}])
 
 
 def create_app(params: Params, settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
+    own_engine = engine is None  # an engine handed in (tests, a second app) belongs to its caller
     engine = engine or Engine(params, settings)
     sink = FeedbackSink(settings)
     responses: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -111,7 +123,8 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
             if poller is not None:
                 poller.join(timeout=5)
             pool.shutdown(wait=True, cancel_futures=True)
-            engine.close()
+            if own_engine:
+                engine.close()
 
     app = FastAPI(title="loraflow serve", lifespan=lifespan,
                   description="LoRA modes from the MLflow registry on one base model, and feedback back into training data.")
@@ -154,8 +167,11 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
         return {"mode": mode, "adapter": ad.name if ad else "base", "version": ad.version if ad else None, "fallback": note}
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {**engine.health(), "feedback": sink.status()}
+    async def health(request: Request) -> dict[str, Any]:
+        h = engine.health()
+        if settings.keys and request.state.key is None:  # liveness for anyone; the details for key holders
+            return {"status": h["status"]}
+        return {**h, "feedback": sink.status()}
 
     @app.post("/chat")
     async def chat(req: ChatRequest) -> dict[str, Any]:
@@ -268,6 +284,30 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
             return await asyncio.to_thread(engine.adapters.merge, mode)
         except LookupError as e:
             raise HTTPException(404, detail=str(e)) from None
+
+    limiter = auth.RateLimiter()
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        # The key (if any) travels on request.state; every route but liveness and the API docs needs one.
+        request.state.key = None
+        if not settings.keys:
+            return await call_next(request)
+        key = auth.find(settings.keys, request.headers.get("authorization"))
+        if key is None and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization") is not None
+            msg = ("Incorrect API key provided." if given else "You didn't provide an API key. You need to provide your "
+                   "API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+            return _openai_error(401, msg, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if key is not None and request.url.path not in OPEN_PATHS:
+            rpm = key.rpm or settings.rate_limit
+            wait = limiter.take(key.name, rpm)
+            if wait > 0:
+                return _openai_error(429, f"Rate limit reached for key {key.name!r}: {rpm} requests per minute. "
+                                     f"Try again in {wait:.1f} s.", "rate_limit_exceeded", err_type="requests",
+                                     headers={"Retry-After": auth.retry_after(wait)})
+        request.state.key = key
+        return await call_next(request)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
