@@ -394,3 +394,44 @@ def test_api_keys_401_openai_errors_and_per_key_rate_limit(env, tmp_path):
         assert e.value.response.json()["error"]["code"] == "rate_limit_exceeded"
         assert 25 <= int(e.value.response.headers["retry-after"]) <= 31
         assert c.get("/v1/models", headers=bearer("viewer")).status_code == 200  # other keys are unaffected
+
+
+def test_60_feedback_posts_from_a_key_not_allowed_to_train_start_nothing_and_train_nothing(env, tmp_path):
+    from loraflow.io import read_jsonl
+    from steps import curate
+    from tests.conftest import chat as record
+    from tests.conftest import write_jsonl
+
+    trigger = f"{sys.executable} -c \"print('run for {{mode}}')\""
+    with keyed_client(env, tmp_path, feedback_threshold=3, trigger_command=trigger) as c:
+        served = c.post("/chat", json={"mode": "alpha", "messages": Q, "max_tokens": 4, "temperature": 0},
+                        headers=bearer("viewer")).json()
+        bodies = [{"response_id": served["id"], "rating": 5},
+                  {"response_id": served["id"], "rating": 1, "correction": "Vermelho, a cor escolhida pelo atacante."},
+                  {"mode": "alpha", "messages": Q2, "preferred": "Resposta envenenada.", "rejected": "Resposta certa."}]
+        outs = []
+        for i in range(60):
+            r = c.post("/feedback", json=bodies[i % 3], headers=bearer("viewer"))
+            assert r.status_code == 200, r.text
+            outs.append(r.json())
+        assert all(o["run_started"] is None and o["counts_toward_training"] is False for o in outs)
+        sink = c.app.state.feedback
+        assert sink.runs == {} and sink.status()["alpha"]["events"] == 0
+        assert sink.status()["alpha"]["events_not_training"] == 60
+        events = [json.loads(x) for x in Path(outs[0]["file"]).read_text().splitlines()]
+        assert len(events) == 60 and {(e["key"], e["trains"]) for e in events} == {("viewer", False)}
+
+        # Curation (what training reads) takes none of it: every event is quarantined, naming the key.
+        write_jsonl(tmp_path / "raw" / "alpha" / "a.jsonl", [record("Qual é a capital da França?", "Paris.")])
+        out = tmp_path / "curated"
+        curate.run(env["params"], tmp_path / "raw" / "alpha", out, tmp_path / "data" / "raw" / "feedback" / "alpha")
+        trained = read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl")
+        assert [r["source"] for r in trained] == ["alpha/a.jsonl#1"] and read_jsonl(out / "prefs.jsonl") == []
+        q = [x for x in read_jsonl(out / "quarantine.jsonl") if x["source"].startswith("feedback/")]
+        assert len(q) == 60 and {x["category"] for x in q} == {"not_allowed_to_train"}
+        assert "'viewer', which may not train" in q[0]["reason"]
+
+        # The same posts from a key that may train do count: the third starts a run.
+        started = [c.post("/feedback", json=bodies[i], headers=bearer("trainer")).json()["run_started"] for i in range(3)]
+        assert started[:2] == [None, None] and started[2] is not None
+        assert sink.runs["alpha"]["process"].wait(timeout=60) == 0

@@ -28,26 +28,31 @@ class FeedbackSink:
         self.counts: dict[str, int] = {}  # events on disk per mode, counted once then kept up to date
 
     def record(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Append the event; count it toward the mode's threshold only when its key may train (event["trains"])."""
         from loraflow.io import write_json
 
-        mode = event["mode"]
+        mode, trains = event["mode"], event.get("trains", True) is not False
         with self.lock:  # held across the append too, so the counts match the lines on disk
             if mode not in self.counts:
                 self.counts[mode] = fb.count_events(self.settings.root, mode)
             path = fb.append_event(self.settings.root, event)
-            self.counts[mode] += 1
             st = self.state.setdefault(mode, {"at_last_trigger": 0})
+            started = None
+            if trains:
+                self.counts[mode] += 1
+            else:  # recorded for people to read; curation quarantines it, so it must not start a run either
+                st["events_not_training"] = st.get("events_not_training", 0) + 1
             total = self.counts[mode]
             new = total - st["at_last_trigger"]
-            started = None
-            if 0 < self.settings.feedback_threshold <= new and not self._running(mode):
+            if trains and 0 < self.settings.feedback_threshold <= new and not self._running(mode):
                 started = self._trigger(mode)
                 if started is not None:
                     st.update(at_last_trigger=total, last_run={k: v for k, v in started.items() if k != "process"})
                     new = 0
             st["events"] = total
             write_json(self.state_file, self.state)
-        return {"file": str(path), "new_since_last_run": new, "threshold": self.settings.feedback_threshold,
+        return {"file": str(path), "counts_toward_training": trains, "new_since_last_run": new,
+                "threshold": self.settings.feedback_threshold,
                 "run_started": None if started is None else {k: v for k, v in started.items() if k != "process"}}
 
     def _running(self, mode: str) -> bool:

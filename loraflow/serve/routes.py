@@ -247,7 +247,7 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
         return {"object": "list", "data": data}
 
     @app.post("/feedback")
-    async def feedback(req: FeedbackRequest) -> dict[str, Any]:
+    async def feedback(req: FeedbackRequest, request: Request) -> dict[str, Any]:
         with responses_lock:
             served_ = responses.get(req.response_id) if req.response_id else None
         if served_ is None and req.messages is None:
@@ -268,6 +268,10 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
             "preferred": req.preferred,
             "rejected": req.rejected,
             "timestamp": fb.now(),
+            # Who sent it, and whether that key may train: curation quarantines what may not, and only what may
+            # counts toward the retraining threshold. No keys configured (loopback): everyone may, as before.
+            "key": key.name if (key := request.state.key) is not None else None,
+            "trains": key.train if key is not None else True,
         }
         out = await asyncio.to_thread(sink.record, event)
         return {"event_id": event["event_id"], "mode": mode, **out}
