@@ -70,7 +70,7 @@ def _serve(args) -> int:
         unknown_mode=args.unknown_mode, poll_interval=args.poll_interval, max_messages=args.max_messages,
         max_chars=args.max_chars, max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
         feedback_threshold=args.feedback_threshold, trigger_command=args.on_feedback, deployment=args.deployment,
-        keys=keys, rate_limit=args.rate_limit)
+        keys=keys, rate_limit=args.rate_limit, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
     uvicorn.run(create_app(params, settings), host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--max-chars", type=int, default=32_000, help="limit on all message contents of a request")
     sp.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     sp.add_argument("--default-max-tokens", type=int, default=256)
+    sp.add_argument("--max-batch", type=int, default=32, help="requests generated together in one batch (1 = one at a time)")
+    sp.add_argument("--batch-window-ms", type=float, default=10.0,
+                    help="an idle server waits this long for more requests to share its first batch (default 10)")
     sp.add_argument("--feedback-threshold", type=int, default=50,
                     help="new feedback events for a mode that start a pipeline run for it (0 = never)")
     sp.add_argument("--on-feedback", default=None, metavar="COMMAND",

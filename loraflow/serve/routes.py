@@ -183,7 +183,8 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
         remember(rid, mode, ad, msgs, out["text"])
         return {"id": rid, **served(mode, ad, note), "answer": out["text"], "finish_reason": out["finish_reason"],
                 "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"]},
-                "switch_ms": round(out["switch_ms"], 3)}
+                "switch_ms": round(out["switch_ms"], 3), "batch_size": out["batch_size"],
+                "queued_ms": round(out["queued_ms"], 1)}
 
     def mode_of(model: str) -> str | None:
         # The OpenAI `model` names the mode; "", "base" or the base model's own name mean no adapter.
