@@ -153,8 +153,10 @@ class ValidateParams(_Section):
 
 
 class TrainParams(_Section):
-    # sft: supervised on train.jsonl; dpo: preference pairs from prefs.jsonl; sft+dpo: SFT, then DPO from that adapter
-    method: Literal["sft", "dpo", "sft+dpo"] = "sft"
+    # sft: supervised on train.jsonl; dpo: preference pairs from prefs.jsonl; sft+dpo: SFT, then DPO from that adapter;
+    # auto: sft+dpo when prefs.jsonl holds at least dpo_min_pairs pairs, else sft
+    method: Literal["sft", "dpo", "sft+dpo", "auto"] = "sft"
+    dpo_min_pairs: int = Field(16, ge=1)  # auto: fewer pairs than this train SFT only
     quantization: Literal["auto", "none", "4bit"] = "auto"  # auto: 4-bit QLoRA on CUDA with bitsandbytes, else none
     lora_r: int = Field(16, ge=1)  # rank: 8-64 is the usual range; more data -> more rank
     lora_alpha: int = Field(32, ge=1)  # usually 2 * rank

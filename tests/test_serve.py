@@ -469,3 +469,32 @@ def test_60_feedback_posts_from_a_key_not_allowed_to_train_start_nothing_and_tra
         started = [c.post("/feedback", json=bodies[i], headers=bearer("trainer")).json()["run_started"] for i in range(3)]
         assert started[:2] == [None, None] and started[2] is not None
         assert sink.runs["alpha"]["process"].wait(timeout=60) == 0
+
+
+def test_preference_pairs_posted_to_the_server_train_dpo_with_method_auto(env, tmp_path):
+    """train.method auto (the default): pairs posted through /feedback by a key that may train reach prefs.jsonl,
+    and the run the threshold starts trains SFT, then DPO on them."""
+    from loraflow.io import read_json, read_jsonl
+
+    root = tmp_path
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    shutil.copytree(ROOT / "data" / "raw" / MODE, root / "data" / "raw" / "alpha")
+    sets = " ".join(f"-S {o}" for o in [*env["settings"].overrides, "train.max_steps=1", "train.dpo_max_steps=1",
+                                        "train.batch_size=2", "train.dpo_min_pairs=3", "train.save_steps=100"])
+    py = f"env PYTHONPATH={ROOT} {sys.executable} -m"
+    steps = [f"{py} steps.curate --params params.yaml {sets} data/raw/{{mode}} data/curated/{{mode}} --feedback data/raw/feedback/{{mode}}",
+             f"{py} steps.validate --params params.yaml {sets} data/curated/{{mode}} data/validation/{{mode}} data/profiles/{{mode}}.json",
+             f"{py} steps.train --mode {{mode}} --params params.yaml {sets} data/validation/{{mode}}/report.json "
+             "data/curated/{mode} data/adapters/{mode}"]
+    pairs = [("Azul, como o céu.", "Não sei."), ("Verde, como as folhas.", "Cor."), ("Vermelho, como o fogo.", "?")]
+    with keyed_client(env, root, feedback_threshold=3, trigger_command=f"sh -c '{' && '.join(steps)}'") as c:
+        outs = [c.post("/feedback", json={"mode": "alpha", "messages": Q, "preferred": p, "rejected": r},
+                       headers=bearer("trainer")).json() for p, r in pairs]
+        assert [o["run_started"] is None for o in outs] == [True, True, False]
+        proc = c.app.state.feedback.runs["alpha"]["process"]
+        assert proc.wait(timeout=900) == 0, Path(outs[2]["run_started"]["log"]).read_text()[-3000:]
+    prefs = read_jsonl(root / "data" / "curated" / "alpha" / "prefs.jsonl")
+    assert sorted((p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in prefs) == sorted(pairs)
+    info = read_json(root / "data" / "adapters" / "alpha" / "train_info.json")
+    assert info["method"] == "auto" and [s["stage"] for s in info["stages"]] == ["sft", "dpo"]
+    assert info["pref_records"] == 3 and "3 preference pairs >= train.dpo_min_pairs 3" in info["method_reason"]
