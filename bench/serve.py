@@ -1,14 +1,14 @@
-"""The server's generation speed against bare peft `model.generate`, and the cost of switching cached adapters.
+"""Batched multi-adapter serving against the same server generating one request at a time.
 
-    python bench/serve.py [--tokens 64] [--repeats 5]
+    python bench/serve.py [--requests 32] [--modes 4] [--tokens 32] [--repeats 2]
 
-Builds a throwaway SQLite registry with two LoRA adapters shaped like train's default (all-linear, r=16, random
-weights), starts `loraflow serve` on a loopback port in this process, and alternates, on the same model object
-and the same greedy settings: one HTTP POST /chat, one bare `generate` call. The headline is the median of the
-per-pair ratios (the shared machine's load drifts; a back-to-back pair shares it).
-The adapter switch is timed inside the server around set_adapter (median over requests alternating two cached
-modes); the end-to-end latency of alternating vs repeating a mode at max_tokens=1 is printed beside it.
-The last line is the headline.
+Builds a throwaway SQLite registry with `--modes` LoRA adapters shaped like train's default (all-linear, r=16,
+random weights), starts `loraflow serve` on a loopback port in this process, and sends rounds of `--requests`
+concurrent greedy POST /chat requests spread over the modes (and four prompts). Each round runs twice, back to
+back on the same server and model: batched (--max-batch 32, the default) and serialised (max_batch 1, what the
+server did before batching). The order alternates round to round, and the headline is the median of the per-pair
+ratios: the shared machine's load drifts, a back-to-back pair shares it. Answers are compared between the two
+sides (greedy: they must be the same). The last line is the headline.
 """
 
 from __future__ import annotations
@@ -21,13 +21,19 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import loraflow  # noqa: E402,F401  (offline env first)
 
-PROMPT = [{"role": "user", "content": "Write a long story about a cat who runs a shop."}]
+PROMPTS = [
+    [{"role": "user", "content": "Write a long story about a cat who runs a shop."}],
+    [{"role": "user", "content": "Explain in detail how a bicycle works."}],
+    [{"role": "user", "content": "Describe a busy market on a Saturday morning, with its sounds and smells."}],
+    [{"role": "user", "content": "List ten ideas for a weekend trip and say why each is fun."}],
+]
 
 
 def make_adapter(base_path: str, out: Path, seed: int) -> Path:
@@ -61,6 +67,11 @@ def register(params, mode: str, adapter: Path) -> None:
     mlflow.MlflowClient().set_registered_model_alias(f"loraflow-{mode}", "champion", str(info.registered_model_version))
 
 
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
 def main() -> None:
     import httpx
     import torch
@@ -71,9 +82,10 @@ def main() -> None:
     from loraflow.serve import ServeSettings, create_app
 
     ap = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=8)
-    ap.add_argument("--switches", type=int, default=20)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--modes", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="loraflow-bench-serve-"))
@@ -82,11 +94,12 @@ def main() -> None:
         params = load_params(Path(__file__).resolve().parents[1] / "params.yaml",
                              [f"base.tracking_uri=sqlite:///{tmp / 'mlflow.db'}"])
         base_path = resolve(params.base.model, params.base.model_cache)
-        for i, mode in enumerate(("bench_a", "bench_b")):
+        modes = [f"bench_{i}" for i in range(a.modes)]
+        for i, mode in enumerate(modes):
             register(params, mode, make_adapter(base_path, tmp / mode, seed=i))
 
-        app = create_app(params, ServeSettings(root=tmp, poll_interval=0, max_tokens_limit=max(1024, a.tokens)))
-        engine = app.state.engine
+        settings = ServeSettings(root=tmp, poll_interval=0, max_tokens_limit=max(1024, a.tokens))
+        app = create_app(params, settings)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -96,70 +109,56 @@ def main() -> None:
         while not server.started:
             time.sleep(0.05)
         url = f"http://127.0.0.1:{port}"
-        http = httpx.Client(timeout=600)
+        http = httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=a.requests))
 
-        def served(mode: str, n: int) -> dict:
-            r = http.post(f"{url}/chat", json={"mode": mode, "messages": PROMPT, "max_tokens": n})
+        def one(k: int) -> tuple[float, dict]:
+            t = time.perf_counter()
+            r = http.post(f"{url}/chat", json={"mode": modes[k % len(modes)], "messages": PROMPTS[k // len(modes) % 4],
+                                               "max_tokens": a.tokens, "temperature": 0})
             r.raise_for_status()
-            return r.json()
+            return time.perf_counter() - t, r.json()
 
-        # Loads both adapters (cached from here on) and warms up: the first long generation in a process
-        # was 5-8x slower here whichever side ran it.
-        for mode in ("bench_b", "bench_a"):
-            served(mode, a.tokens)
-        ad, _ = engine.acquire("bench_a")  # the very adapter object the server uses, pinned for the bare runs
-
-        def bare(n: int) -> tuple[int, float]:
-            enc = engine.encode(PROMPT)
+        def round_(max_batch: int) -> dict:
+            settings.max_batch = max_batch  # the scheduler reads it for every batch
             t = time.perf_counter()
-            with engine.gen_lock, torch.inference_mode():
-                engine.peft.set_adapter(ad.name, inference_mode=True)
-                engine._active = ad.name
-                out = engine.peft.generate(**enc, max_new_tokens=n, do_sample=False, num_beams=1,
-                                           pad_token_id=engine.tok.pad_token_id, eos_token_id=engine.tok.eos_token_id)
-            new = out[0, enc["input_ids"].shape[1]:].tolist()
-            return len(new) - (new[-1] == engine.tok.eos_token_id), time.perf_counter() - t
+            with ThreadPoolExecutor(max_workers=a.requests) as pool:
+                res = list(pool.map(one, range(a.requests)))
+            wall = time.perf_counter() - t
+            return {"rps": a.requests / wall, "wall": wall, "lat": [x for x, _ in res],
+                    "answers": [r["answer"] for _, r in res], "tokens": sum(r["usage"]["completion_tokens"] for _, r in res),
+                    "batches": sorted({r["batch_size"] for _, r in res})}
 
-        srv_tps, bare_tps = [], []
+        for k in range(len(modes)):  # loads every adapter and warms up
+            one(k)
+        sides: dict[str, list[dict]] = {"batched": [], "serialised": []}
         for i in range(a.repeats):
-            # Pairs back to back, the order alternating: the machine's load drifts, a pair shares it.
-            for side in (("server", "bare") if i % 2 == 0 else ("bare", "server")):
-                if side == "server":
-                    t = time.perf_counter()
-                    r = served("bench_a", a.tokens)
-                    srv_tps.append(r["usage"]["completion_tokens"] / (time.perf_counter() - t))
-                else:
-                    n, dt = bare(a.tokens)
-                    bare_tps.append(n / dt)
-        assert r["usage"]["completion_tokens"] == n, (r["usage"], n)  # same work on both sides
-        engine.release(ad)
-
-        switch_ms, alt, same = [], [], []
-        for i in range(a.switches):
-            t = time.perf_counter()
-            switch_ms.append(served(("bench_a", "bench_b")[i % 2], 1)["switch_ms"])
-            alt.append(time.perf_counter() - t)
-        for _ in range(a.switches):
-            t = time.perf_counter()
-            served("bench_a", 1)
-            same.append(time.perf_counter() - t)
-
-        ratio = statistics.median(s / b for s, b in zip(srv_tps, bare_tps, strict=True))
-        sw = statistics.median(switch_ms[1:])
-        print(f"model {params.base.model} + LoRA all-linear r=16, device {engine.device}, {torch.get_num_threads()} threads, "
-              f"greedy, {n} new tokens, {a.repeats} repeats")
-        print(f"server POST /chat: {statistics.median(srv_tps):.2f} tokens/s (median; runs {', '.join(f'{x:.1f}' for x in srv_tps)})")
-        print(f"bare peft generate: {statistics.median(bare_tps):.2f} tokens/s (median; runs {', '.join(f'{x:.1f}' for x in bare_tps)})")
-        print(f"max_tokens=1 request latency: alternating two modes {statistics.median(alt) * 1000:.1f} ms, "
-              f"same mode {statistics.median(same) * 1000:.1f} ms (medians of {a.switches})")
-        print(f"set_adapter inside the server: median {sw:.2f} ms, max {max(switch_ms[1:]):.2f} ms")
-        print(f"server/bare per pair: {', '.join(f'{s / b:.2f}' for s, b in zip(srv_tps, bare_tps, strict=True))}")
-        print(f"{ratio:.2f}x tokens/s vs bare generate (goal >= 0.9x); adapter switch {sw:.1f} ms (goal <= 50 ms)")
+            for side in (("batched", "serialised") if i % 2 == 0 else ("serialised", "batched")):
+                r = round_(32 if side == "batched" else 1)
+                sides[side].append(r)
+                print(f"round {i + 1} {side:<10}: {r['rps']:.3f} requests/s, {r['tokens'] / r['wall']:.1f} tokens/s, "
+                      f"{r['wall']:.1f} s wall, batch sizes {r['batches']}", flush=True)
+        same = sum(x == y for b, s in zip(sides["batched"], sides["serialised"], strict=True)
+                   for x, y in zip(b["answers"], s["answers"], strict=True))
+        ratios = [b["rps"] / s["rps"] for b, s in zip(sides["batched"], sides["serialised"], strict=True)]
+        print(f"model {params.base.model} + {a.modes} LoRA adapters (all-linear r=16), device {engine_device(app)}, "
+              f"{torch.get_num_threads()} threads; {a.requests} concurrent greedy requests, {a.tokens} new tokens, "
+              f"{a.repeats} rounds per side")
+        for side, rs in sides.items():
+            lat = [x for r in rs for x in r["lat"]]
+            print(f"{side:<10}: {statistics.median(r['rps'] for r in rs):.3f} requests/s (median of rounds), "
+                  f"latency p50 {pct(lat, 0.5):.1f} s, p95 {pct(lat, 0.95):.1f} s")
+        print(f"answers identical batched vs serialised: {same}/{a.requests * a.repeats}")
+        print(f"batched/serialised per round pair: {', '.join(f'{x:.2f}' for x in ratios)}")
+        print(f"{statistics.median(ratios):.1f}x requests/s vs serialised (goal >= 4x)")
     finally:
         if server is not None:
             server.should_exit = True
             thread.join(timeout=60)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def engine_device(app) -> str:
+    return app.state.engine.device
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     loraflow run --mode retail_media -S train.max_steps=20   # the whole DAG through the Prefect flow
     loraflow report --mode retail_media                      # where the results are, and the headline numbers
     loraflow serve --port 8000                                # the registry's champions as modes, on 127.0.0.1
+    loraflow serve --host 0.0.0.0 --api-keys keys.yaml        # beyond loopback: Bearer keys required
     loraflow promote retail_media 3                          # a person's decision: v3 becomes champion
     loraflow rollback retail_media                           # champion goes back to the previous champion
 """
@@ -56,17 +57,22 @@ def _serve(args) -> int:
     import uvicorn
 
     from loraflow.serve import ServeSettings, create_app
+    from loraflow.serve.auth import check_bind, is_loopback, load_keys
 
     params = load_params(args.params, args.set)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {args.host}: the server has no authentication", file=sys.stderr)
+    keys = load_keys(args.api_keys)
+    check_bind(args.host, keys, args.insecure)  # before the model loads: a refusal is immediate
+    if not keys and not is_loopback(args.host):
+        print(f"warning: listening on {args.host} with no API keys (--insecure)", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     settings = ServeSettings(
         root=Path(args.root).resolve(), params_file=args.params, overrides=args.set, lru_size=args.lru_size,
         unknown_mode=args.unknown_mode, poll_interval=args.poll_interval, max_messages=args.max_messages,
         max_chars=args.max_chars, max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
-        feedback_threshold=args.feedback_threshold, trigger_command=args.on_feedback, deployment=args.deployment)
+        feedback_threshold=args.feedback_threshold, trigger_command=args.on_feedback, deployment=args.deployment,
+        keys=keys, rate_limit=args.rate_limit, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
     uvicorn.run(create_app(params, settings), host=args.host, port=args.port, log_level="info")
+    return 0
 
 
 def _registry_cmd(args) -> int:
@@ -105,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a param, DVC style (repeatable); the server reads `base` only")
     sp.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
     sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--api-keys", default=None, metavar="FILE",
+                    help="YAML/JSON file of named keys (name, key or key_sha256, train, rpm; see loraflow/serve/auth.py); "
+                         "default $LORAFLOW_API_KEYS_FILE. $LORAFLOW_API_KEY adds one key named 'default' that may train")
+    sp.add_argument("--insecure", action="store_true",
+                    help="listen beyond loopback without API keys (e.g. behind a proxy that authenticates)")
+    sp.add_argument("--rate-limit", type=int, default=60, metavar="RPM",
+                    help="requests per minute per key, unless the key names its own rpm (default 60)")
     sp.add_argument("--lru-size", type=int, default=4, help="adapters kept loaded (default 4)")
     sp.add_argument("--unknown-mode", choices=("base", "404"), default="base",
                     help="an unknown mode is answered by the base model (default) or refused with 404")
@@ -114,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--max-chars", type=int, default=32_000, help="limit on all message contents of a request")
     sp.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     sp.add_argument("--default-max-tokens", type=int, default=256)
+    sp.add_argument("--max-batch", type=int, default=32, help="requests generated together in one batch (1 = one at a time)")
+    sp.add_argument("--batch-window-ms", type=float, default=10.0,
+                    help="an idle server waits this long for more requests to share its first batch (default 10)")
     sp.add_argument("--feedback-threshold", type=int, default=50,
                     help="new feedback events for a mode that start a pipeline run for it (0 = never)")
     sp.add_argument("--on-feedback", default=None, metavar="COMMAND",

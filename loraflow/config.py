@@ -153,8 +153,10 @@ class ValidateParams(_Section):
 
 
 class TrainParams(_Section):
-    # sft: supervised on train.jsonl; dpo: preference pairs from prefs.jsonl; sft+dpo: SFT, then DPO from that adapter
-    method: Literal["sft", "dpo", "sft+dpo"] = "sft"
+    # sft: supervised on train.jsonl; dpo: preference pairs from prefs.jsonl; sft+dpo: SFT, then DPO from that adapter;
+    # auto: sft+dpo when prefs.jsonl holds at least dpo_min_pairs pairs, else sft
+    method: Literal["sft", "dpo", "sft+dpo", "auto"] = "auto"
+    dpo_min_pairs: int = Field(16, ge=1)  # auto: fewer pairs than this train SFT only
     quantization: Literal["auto", "none", "4bit"] = "auto"  # auto: 4-bit QLoRA on CUDA with bitsandbytes, else none
     # bf16 autocast (weights stay float32) or float32; auto: bf16 on CUDA that has it and on CPUs with native bf16
     # instructions (AVX512-BF16 / AMX), float32 elsewhere (emulated bf16 on an older CPU is many times slower)

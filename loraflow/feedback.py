@@ -13,17 +13,21 @@ by `loraflow serve` (flushed and fsynced) and never rewritten. Each line is a JS
      "rating": 4,                       # 1-5 or null
      "correction": "...",               # the user's better answer, or null
      "preferred": "...", "rejected": "...",  # an explicit preference pair (both or neither), or null
-     "timestamp": "2026-11-22T09:30:00.123456+00:00"}
+     "timestamp": "2026-11-22T09:30:00.123456+00:00",
+     "key": "support-team",             # the API key's name that sent it (null: the server had no keys)
+     "trains": true}                    # whether that key may train; false: recorded, quarantined by curation
 
 Curation (`sft_and_pref`) turns an event into at most one SFT conversation and one preference pair:
 a correction -> SFT on prompt + correction, and the pair (correction over the served answer);
 rating >= the threshold without a correction -> SFT on prompt + answer; preferred/rejected -> the pair.
-Anything else (a low rating with nothing better offered) has nothing to learn and is quarantined with a reason.
+Anything else (a low rating with nothing better offered) has nothing to learn and is quarantined with a reason,
+and so is every event whose key may not train (`"trains": false`): users without that right cannot poison a mode.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import threading
@@ -74,14 +78,24 @@ def append_event(root: Path, event: dict[str, Any]) -> Path:
     return path
 
 
+def may_train(event: dict[str, Any]) -> bool:
+    """Events without the field (older servers, or no keys) may: the server answered only loopback then."""
+    return event.get("trains", True) is not False
+
+
 def count_events(root: Path, mode: str) -> int:
+    """Events on disk for `mode` that may train (what the retraining threshold counts)."""
     folder = feedback_dir(root, mode)
     if not folder.is_dir():
         return 0
     n = 0
     for p in folder.glob("*.jsonl"):
         with open(p, encoding="utf-8") as f:
-            n += sum(1 for line in f if line.strip())
+            for line in f:
+                try:
+                    n += line.strip() != "" and may_train(json.loads(line))
+                except (ValueError, AttributeError):
+                    pass  # a torn or foreign line trains nothing (curation quarantines it)
     return n
 
 
@@ -92,6 +106,9 @@ def sft_and_pref(event: Any, min_rating: int) -> tuple[list[dict] | None, dict |
     """
     if not isinstance(event, dict):
         raise ValueError(f"feedback event: expected a JSON object, got {type(event).__name__}")
+    if not may_train(event):
+        raise ValueError(f"feedback sent with API key {event.get('key')!r}, which may not train "
+                         "(its `train` is false in the server's keys file): recorded, not trained on")
     prompt = event.get("messages")
     if not isinstance(prompt, list) or not prompt:
         raise ValueError("feedback field 'messages': expected the non-empty prompt conversation")

@@ -739,7 +739,8 @@ def _serve_event(rec: dict, opts: Options) -> Converted:
     try:
         sft, pair = sft_and_pref(rec, opts.feedback_min_rating)
     except ValueError as e:
-        raise Reject("low_rating" if "nothing to learn" in str(e) else "malformed", str(e)) from None
+        kind = "low_rating" if "nothing to learn" in str(e) else "not_allowed_to_train" if "may not train" in str(e) else "malformed"
+        raise Reject(kind, str(e)) from None
     return Converted([sft] if sft else [], [Pref(pair["prompt"], pair["chosen"], pair["rejected"])] if pair else [])
 
 

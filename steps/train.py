@@ -75,8 +75,18 @@ def choose_precision(setting: str, cuda: bool, cuda_bf16: bool, cpu_bf16: bool, 
     return False, "auto: CPU without native bf16 -> float32"
 
 
+def choose_stages(method: str, pairs: int, min_pairs: int) -> tuple[list[str], str]:
+    """The training stages for `train.method`, and why; `pairs` counts prefs.jsonl (read for auto only)."""
+    if method != "auto":
+        return {"sft": ["sft"], "dpo": ["dpo"], "sft+dpo": ["sft", "dpo"]}[method], f"method {method}"
+    if pairs >= min_pairs:
+        return ["sft", "dpo"], f"auto: {pairs} preference pairs >= train.dpo_min_pairs {min_pairs} -> SFT, then DPO"
+    return ["sft"], f"auto: {pairs} preference pairs < train.dpo_min_pairs {min_pairs} -> SFT only"
+
+
 def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, adapter_dir: Path) -> dict[str, Any]:
-    """Train one adapter: SFT on train.jsonl, DPO on prefs.jsonl, or SFT then DPO (`train.method`).
+    """Train one adapter: SFT on train.jsonl, DPO on prefs.jsonl, or SFT then DPO (`train.method`; `auto`: SFT,
+    then DPO when prefs.jsonl holds at least `train.dpo_min_pairs` pairs).
 
     Args:
         params: reads `base` and `train`.
@@ -99,8 +109,10 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
 
     tp = params.train
     curated_dir, adapter_dir = Path(curated_dir), Path(adapter_dir)
-    stages = {"sft": ["sft"], "dpo": ["dpo"], "sft+dpo": ["sft", "dpo"]}[tp.method]
     data = {"sft": curated_dir / "train.jsonl", "dpo": curated_dir / "prefs.jsonl"}
+    pairs = len(read_jsonl(data["dpo"])) if tp.method == "auto" and data["dpo"].exists() else 0
+    stages, stages_why = choose_stages(tp.method, pairs, tp.dpo_min_pairs)
+    log.info("train: %s", stages_why)
     _check_validated(Path(validation_report), [data[s] for s in stages])
     records = {s: read_jsonl(data[s]) for s in stages}
     for s in stages:
@@ -140,6 +152,7 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
     info = {
         "mode": mode,
         "method": tp.method,
+        "method_reason": stages_why,
         "base_model": params.base.model,
         "quantization": "4bit-nf4" if use_4bit else "none",
         "quantization_reason": why,

@@ -90,3 +90,12 @@ def test_default_trigger_is_loraflow_run_and_a_command_template_replaces_it(tmp_
     run = trigger_pipeline("m", tmp_path, command=f"{sys.executable} -c \"print('curating {{mode}}')\"")
     assert run["how"] == "local" and run["process"].wait(timeout=60) == 0
     assert open(run["log"]).read().strip() == "curating m"
+
+
+def test_events_from_keys_that_may_not_train_are_counted_apart_and_teach_nothing(tmp_path):
+    fb.append_event(tmp_path, event(rating=5, key="public-app", trains=False))
+    fb.append_event(tmp_path, event(rating=5, key="support", trains=True))
+    fb.append_event(tmp_path, event(rating=5))  # before keys existed: may train
+    assert fb.count_events(tmp_path, "m") == 2
+    with pytest.raises(ValueError, match="'public-app', which may not train"):
+        fb.sft_and_pref(event(correction="Melhor.", key="public-app", trains=False), 4)

@@ -276,6 +276,40 @@ def test_50_concurrent_requests_across_three_modes(env):
         assert r["choices"][0]["message"]["content"] == single[(m, i)], (k, m)
 
 
+def test_requests_sent_together_share_one_batch_across_modes_with_the_same_greedy_answers(env):
+    """Three modes and the base model, two prompts and two lengths, one request streamed: one generate() call,
+    each row with its own adapter (peft adapter_names), and every answer the one it gets alone."""
+    from openai import OpenAI
+
+    url, settings = env["url"], env["settings"]
+    cases = [(m, i, n) for m in (*MODES, None) for i, n in ((0, 6), (1, 9))]
+    prompts = (Q, Q2)
+    alone = {c: chat(url, c[0], prompts[c[1]], max_tokens=c[2]) for c in cases}
+    assert {r["batch_size"] for r in alone.values()} == {1}
+    assert len({alone[(m, 0, 6)]["answer"] for m in (*MODES, None)}) == 4  # the rows really differ
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+
+    def streamed() -> str:
+        chunks = client.chat.completions.create(model="beta", messages=Q2, max_tokens=9, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks)
+
+    window, settings.batch_window_ms = settings.batch_window_ms, 1500  # all ten surely arrive inside it
+    try:
+        with ThreadPoolExecutor(max_workers=len(cases) + 1) as pool:
+            stream = pool.submit(streamed)
+            together = dict(zip(cases, pool.map(lambda c: chat(url, c[0], prompts[c[1]], max_tokens=c[2]), cases),
+                                strict=True))
+            text = stream.result()
+    finally:
+        settings.batch_window_ms = window
+    assert {r["batch_size"] for r in together.values()} == {len(cases) + 1}
+    for c in cases:
+        assert together[c]["answer"] == alone[c]["answer"], c
+        assert together[c]["usage"]["completion_tokens"] == alone[c]["usage"]["completion_tokens"] <= c[2]
+    assert text == alone[("beta", 1, 9)]["answer"]
+
+
 def test_merged_mode_answers_like_the_adapter(env):
     before = chat(env["url"], "beta", max_tokens=8)
     r = httpx.post(f"{env['url']}/adapters/beta/merge", timeout=120)
@@ -342,3 +376,125 @@ def test_loraflow_serve_command_listens_on_loopback_and_answers(env):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+KEYS = {"trainer": "sk-lf-trainer-0123456789", "viewer": "sk-lf-viewer-0123456789", "slow": "sk-lf-slow-0123456789ab"}
+
+
+def keyed_client(env, root: Path, **kw):
+    """A TestClient on an app with API keys, sharing the module's engine (no second model load)."""
+    from fastapi.testclient import TestClient
+
+    from loraflow.serve import auth, create_app
+
+    keys = [auth.ApiKey("trainer", auth.digest(KEYS["trainer"]), train=True, rpm=1000),
+            auth.ApiKey("viewer", auth.digest(KEYS["viewer"]), train=False, rpm=1000),
+            auth.ApiKey("slow", auth.digest(KEYS["slow"]), train=True, rpm=2)]
+    settings = type(env["settings"])(**{**vars(env["settings"]), "root": root, "poll_interval": 0, "keys": keys, **kw})
+    return TestClient(create_app(env["params"], settings, engine=env["app"].state.engine))
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+def test_api_keys_401_openai_errors_and_per_key_rate_limit(env, tmp_path):
+    import openai
+
+    with keyed_client(env, tmp_path) as c:
+        r = c.get("/v1/models")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["code"] == "invalid_api_key" and "didn't provide an API key" in r.json()["error"]["message"]
+        r = c.post("/chat", json={"mode": "alpha", "messages": Q}, headers={"Authorization": "Bearer sk-lf-wrong-0123456789"})
+        assert r.status_code == 401 and r.json()["error"]["message"] == "Incorrect API key provided."
+        assert c.post("/feedback", json={"mode": "alpha", "messages": Q, "rating": 5, "answer": "x"}).status_code == 401
+        assert c.post("/adapters/reload").status_code == 401
+        assert set(c.get("/health").json()) == {"status"}  # liveness for anyone, the details for key holders
+        assert set(MODES) <= set(c.get("/health", headers=bearer("viewer")).json()["modes"])
+
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key=KEYS["viewer"], http_client=c, max_retries=0)
+        assert {m.id for m in client.models.list().data} >= {"base", *MODES}
+        r = client.chat.completions.create(model="alpha", messages=Q, max_tokens=4, temperature=0)
+        assert r.model_extra["loraflow"]["mode"] == "alpha"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url="http://testserver/v1", api_key="sk-lf-wrong-0123456789", http_client=c,
+                          max_retries=0).models.list()
+
+        slow = openai.OpenAI(base_url="http://testserver/v1", api_key=KEYS["slow"], http_client=c, max_retries=0)
+        slow.models.list()
+        slow.models.list()
+        with pytest.raises(openai.RateLimitError) as e:  # rpm 2: the third within the minute waits ~30 s
+            slow.models.list()
+        assert e.value.response.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 25 <= int(e.value.response.headers["retry-after"]) <= 31
+        assert c.get("/v1/models", headers=bearer("viewer")).status_code == 200  # other keys are unaffected
+
+
+def test_60_feedback_posts_from_a_key_not_allowed_to_train_start_nothing_and_train_nothing(env, tmp_path):
+    from loraflow.io import read_jsonl
+    from steps import curate
+    from tests.conftest import chat as record
+    from tests.conftest import write_jsonl
+
+    trigger = f"{sys.executable} -c \"print('run for {{mode}}')\""
+    with keyed_client(env, tmp_path, feedback_threshold=3, trigger_command=trigger) as c:
+        served = c.post("/chat", json={"mode": "alpha", "messages": Q, "max_tokens": 4, "temperature": 0},
+                        headers=bearer("viewer")).json()
+        bodies = [{"response_id": served["id"], "rating": 5},
+                  {"response_id": served["id"], "rating": 1, "correction": "Vermelho, a cor escolhida pelo atacante."},
+                  {"mode": "alpha", "messages": Q2, "preferred": "Resposta envenenada.", "rejected": "Resposta certa."}]
+        outs = []
+        for i in range(60):
+            r = c.post("/feedback", json=bodies[i % 3], headers=bearer("viewer"))
+            assert r.status_code == 200, r.text
+            outs.append(r.json())
+        assert all(o["run_started"] is None and o["counts_toward_training"] is False for o in outs)
+        sink = c.app.state.feedback
+        assert sink.runs == {} and sink.status()["alpha"]["events"] == 0
+        assert sink.status()["alpha"]["events_not_training"] == 60
+        events = [json.loads(x) for x in Path(outs[0]["file"]).read_text().splitlines()]
+        assert len(events) == 60 and {(e["key"], e["trains"]) for e in events} == {("viewer", False)}
+
+        # Curation (what training reads) takes none of it: every event is quarantined, naming the key.
+        write_jsonl(tmp_path / "raw" / "alpha" / "a.jsonl", [record("Qual é a capital da França?", "Paris.")])
+        out = tmp_path / "curated"
+        curate.run(env["params"], tmp_path / "raw" / "alpha", out, tmp_path / "data" / "raw" / "feedback" / "alpha")
+        trained = read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl")
+        assert [r["source"] for r in trained] == ["alpha/a.jsonl#1"] and read_jsonl(out / "prefs.jsonl") == []
+        q = [x for x in read_jsonl(out / "quarantine.jsonl") if x["source"].startswith("feedback/")]
+        assert len(q) == 60 and {x["category"] for x in q} == {"not_allowed_to_train"}
+        assert "'viewer', which may not train" in q[0]["reason"]
+
+        # The same posts from a key that may train do count: the third starts a run.
+        started = [c.post("/feedback", json=bodies[i], headers=bearer("trainer")).json()["run_started"] for i in range(3)]
+        assert started[:2] == [None, None] and started[2] is not None
+        assert sink.runs["alpha"]["process"].wait(timeout=60) == 0
+
+
+def test_preference_pairs_posted_to_the_server_train_dpo_with_method_auto(env, tmp_path):
+    """train.method auto (the default): pairs posted through /feedback by a key that may train reach prefs.jsonl,
+    and the run the threshold starts trains SFT, then DPO on them."""
+    from loraflow.io import read_json, read_jsonl
+
+    root = tmp_path
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    shutil.copytree(ROOT / "data" / "raw" / MODE, root / "data" / "raw" / "alpha")
+    sets = " ".join(f"-S {o}" for o in [*env["settings"].overrides, "train.max_steps=1", "train.dpo_max_steps=1",
+                                        "train.batch_size=2", "train.dpo_min_pairs=3", "train.save_steps=100"])
+    py = f"env PYTHONPATH={ROOT} {sys.executable} -m"
+    steps = [f"{py} steps.curate --params params.yaml {sets} data/raw/{{mode}} data/curated/{{mode}} --feedback data/raw/feedback/{{mode}}",
+             f"{py} steps.validate --params params.yaml {sets} data/curated/{{mode}} data/validation/{{mode}} data/profiles/{{mode}}.json",
+             f"{py} steps.train --mode {{mode}} --params params.yaml {sets} data/validation/{{mode}}/report.json "
+             "data/curated/{mode} data/adapters/{mode}"]
+    pairs = [("Azul, como o céu.", "Não sei."), ("Verde, como as folhas.", "Cor."), ("Vermelho, como o fogo.", "?")]
+    with keyed_client(env, root, feedback_threshold=3, trigger_command=f"sh -c '{' && '.join(steps)}'") as c:
+        outs = [c.post("/feedback", json={"mode": "alpha", "messages": Q, "preferred": p, "rejected": r},
+                       headers=bearer("trainer")).json() for p, r in pairs]
+        assert [o["run_started"] is None for o in outs] == [True, True, False]
+        proc = c.app.state.feedback.runs["alpha"]["process"]
+        assert proc.wait(timeout=900) == 0, Path(outs[2]["run_started"]["log"]).read_text()[-3000:]
+    prefs = read_jsonl(root / "data" / "curated" / "alpha" / "prefs.jsonl")
+    assert sorted((p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in prefs) == sorted(pairs)
+    info = read_json(root / "data" / "adapters" / "alpha" / "train_info.json")
+    assert info["method"] == "auto" and [s["stage"] for s in info["stages"]] == ["sft", "dpo"]
+    assert info["pref_records"] == 3 and "3 preference pairs >= train.dpo_min_pairs 3" in info["method_reason"]

@@ -337,3 +337,12 @@ def test_padding_free_batch_gives_the_padded_batchs_loss():
         with torch.no_grad():  # use_cache=False as in training (trl sets it): a KV cache disables the packed mask
             losses[free] = float(model(**{k: v for k, v in batch.items() if k != "cu_seq_lens"}, use_cache=False).loss)
     assert abs(losses[True] - losses[False]) < 1e-4, losses
+
+
+def test_auto_method_adds_dpo_only_with_enough_pairs():
+    from steps.train import choose_stages
+
+    assert choose_stages("auto", 0, 16)[0] == ["sft"]
+    assert choose_stages("auto", 15, 16) == (["sft"], "auto: 15 preference pairs < train.dpo_min_pairs 16 -> SFT only")
+    assert choose_stages("auto", 16, 16)[0] == ["sft", "dpo"]
+    assert choose_stages("sft", 100, 16)[0] == ["sft"] and choose_stages("dpo", 0, 16)[0] == ["dpo"]
