@@ -68,14 +68,14 @@ def _process(cmd: list[str], cwd: Path, env: dict[str, str], log: Path):
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, f"prefect server exited: {log.read_text()[-3000:]}"
+        assert proc.poll() is None, f"{url}: server exited: {log.read_text()[-3000:]}"
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(1)
-    raise AssertionError(f"prefect server not healthy after {timeout} s: {log.read_text()[-3000:]}")
+    raise AssertionError(f"{url} not healthy after {timeout} s: {log.read_text()[-3000:]}")
 
 
 def _cli(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> str:

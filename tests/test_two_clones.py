@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 
 from loraflow.io import read_json, sha256_file, sha256_tree
 from tests.conftest import MODE, ROOT, SHRUNK
-from tests.test_prefect_server import _cli, _free_port, _process
+from tests.test_prefect_server import _cli, _free_port, _process, _wait_healthy
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -47,19 +46,6 @@ def _clone(dst: Path) -> Path:
     _git(["add", "-A"], dst)
     _git(["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone"], dst)
     return dst
-
-
-def _wait_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"{url}: server exited: {log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} not healthy after {timeout} s: {log.read_text()[-3000:]}")
 
 
 def test_a_run_in_clone_a_trains_on_a_gpu_worker_in_clone_b_and_promotes_its_adapter(tmp_path):
@@ -100,8 +86,8 @@ def test_a_run_in_clone_a_trains_on_a_gpu_worker_in_clone_b_and_promotes_its_ada
         prefect_srv = stack.enter_context(_process(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
             tmp_path, env_a, logs / "prefect.log"))
-        _wait_up(api, prefect_srv, logs / "prefect.log")
-        _wait_up(mlflow_url, mlflow_srv, logs / "mlflow.log")
+        _wait_healthy(api, prefect_srv, logs / "prefect.log")
+        _wait_healthy(mlflow_url, mlflow_srv, logs / "mlflow.log")
         _cli(["work-pool", "create", "gpu", "--type", "process"], a, env_a)
         out = _cli(["--no-prompt", "deploy", "--name", "gpu"], a, env_a)  # deployed from A
         assert "loraflow-train/gpu" in out, out
