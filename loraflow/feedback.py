@@ -78,6 +78,14 @@ def append_event(root: Path, event: dict[str, Any]) -> Path:
     return path
 
 
+class Untrainable(ValueError):
+    """A well-formed event that trains nothing; `kind` is curation's quarantine reason."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 def may_train(event: dict[str, Any]) -> bool:
     """Events without the field (older servers, or no keys) may: the server answered only loopback then."""
     return event.get("trains", True) is not False
@@ -107,7 +115,7 @@ def sft_and_pref(event: Any, min_rating: int) -> tuple[list[dict] | None, dict |
     if not isinstance(event, dict):
         raise ValueError(f"feedback event: expected a JSON object, got {type(event).__name__}")
     if not may_train(event):
-        raise ValueError(f"feedback sent with API key {event.get('key')!r}, which may not train "
+        raise Untrainable("not_allowed_to_train", f"feedback sent with API key {event.get('key')!r}, which may not train "
                          "(its `train` is false in the server's keys file): recorded, not trained on")
     prompt = event.get("messages")
     if not isinstance(prompt, list) or not prompt:
@@ -141,7 +149,7 @@ def sft_and_pref(event: Any, min_rating: int) -> tuple[list[dict] | None, dict |
     if preferred is not None:
         pref = (preferred, rejected)
     if sft is None and pref is None:
-        raise ValueError(f"feedback: rating {rating} below curate.feedback_min_rating {min_rating} and no correction "
+        raise Untrainable("low_rating", f"feedback: rating {rating} below curate.feedback_min_rating {min_rating} and no correction "
                          "or preferred/rejected pair: nothing to learn")
     pair = None if pref is None else {"prompt": prompt, "chosen": [{"role": "assistant", "content": pref[0]}],
                                       "rejected": [{"role": "assistant", "content": pref[1]}]}

@@ -734,13 +734,14 @@ def _feedback(rec: dict, opts: Options) -> Converted:
 
 def _serve_event(rec: dict, opts: Options) -> Converted:
     """Feedback as `loraflow serve` records it; loraflow/feedback.py owns that format and its rules."""
-    from loraflow.feedback import sft_and_pref
+    from loraflow.feedback import Untrainable, sft_and_pref
 
     try:
         sft, pair = sft_and_pref(rec, opts.feedback_min_rating)
+    except Untrainable as e:
+        raise Reject(e.kind, str(e)) from None
     except ValueError as e:
-        kind = "low_rating" if "nothing to learn" in str(e) else "not_allowed_to_train" if "may not train" in str(e) else "malformed"
-        raise Reject(kind, str(e)) from None
+        raise Reject("malformed", str(e)) from None
     return Converted([sft] if sft else [], [Pref(pair["prompt"], pair["chosen"], pair["rejected"])] if pair else [])
 
 

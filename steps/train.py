@@ -121,9 +121,9 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
     cuda = device() == "cuda"
     use_4bit, why = choose_quantization(tp.quantization, cuda, importlib.util.find_spec("bitsandbytes") is not None)
     (log.warning if use_4bit and not cuda else log.info)("train: %s", why)
-    bf16, why_precision = choose_precision(tp.precision, cuda, cuda and torch.cuda.is_bf16_supported(),
-                                           not cuda and cpu_has_bf16(), use_4bit)
-    (log.warning if "emulates" in why_precision else log.info)("train: %s", why_precision)
+    cpu_bf16 = not cuda and cpu_has_bf16()
+    bf16, why_precision = choose_precision(tp.precision, cuda, cuda and torch.cuda.is_bf16_supported(), cpu_bf16, use_4bit)
+    (log.warning if bf16 and not cuda and not cpu_bf16 else log.info)("train: %s", why_precision)  # emulated bf16
 
     model_path = resolve(params.base.model, params.base.model_cache)
     tok = load_tokenizer(model_path, params.base.trust_remote_code)

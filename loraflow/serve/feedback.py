@@ -31,7 +31,7 @@ class FeedbackSink:
         """Append the event; count it toward the mode's threshold only when its key may train (event["trains"])."""
         from loraflow.io import write_json
 
-        mode, trains = event["mode"], event.get("trains", True) is not False
+        mode, trains = event["mode"], fb.may_train(event)
         with self.lock:  # held across the append too, so the counts match the lines on disk
             if mode not in self.counts:
                 self.counts[mode] = fb.count_events(self.settings.root, mode)
