@@ -6,8 +6,9 @@
 Deployments (nightly, on demand, training on a GPU pool): see prefect.yaml.
 
 - Caching: a step whose inputs did not change is not recomputed. Its key is the content of the files it
-  reads (the same paths dvc.yaml lists as deps), its params sections (`base` + its own; train also `generate`), the step module's
-  source and the task's source; results persist under <root>/.prefect/results (env LORAFLOW_PREFECT_RESULTS).
+  reads (the same paths dvc.yaml lists as deps), its params sections (`base` + its own; train also `generate`), the
+  source of every project module the step runs (loraflow.codedeps, the same .py deps as dvc.yaml) and the task's
+  source; results persist under <root>/.prefect/results (env LORAFLOW_PREFECT_RESULTS).
   Like `dvc repro`, the key ignores the registry: pass refresh=True to recompute everything.
 - A failed validation fails its task, so the flow ends Failed with the validation message and nothing
   downstream runs.
@@ -20,7 +21,6 @@ Deployments (nightly, on demand, training on a GPU pool): see prefect.yaml.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 from collections.abc import Callable
@@ -33,6 +33,7 @@ from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from prefect.filesystems import LocalFileSystem
 from prefect.variables import Variable
 
+from loraflow import codedeps
 from loraflow import handoff as handoff_io
 from loraflow.config import Params, Paths, load_params, stage_sections
 from loraflow.io import sha256_file, sha256_tree
@@ -64,8 +65,6 @@ OUTPUTS: dict[str, Callable[[Paths], list[Path]]] = {
     "promote": lambda p: [p.promotion / "decision.json"],
     "model_card": lambda p: [p.card],
 }
-STEP_MODULES = {"curate": curate_step, "validate": validate_step, "train": train_step,
-                "evaluate": evaluate_step, "promote": promote_step, "model_card": model_card_step}
 
 
 def content_hash(path: Path) -> str:
@@ -74,25 +73,20 @@ def content_hash(path: Path) -> str:
     return sha256_file(path) if path.exists() else "missing"
 
 
-# Library code a step's results depend on beyond its own module (the .py deps of its dvc.yaml stage).
-CODE: dict[str, list[str]] = {"curate": ["loraflow/formats.py", "loraflow/neardup.py", "loraflow/pii.py",
-                                         "loraflow/tokens.py"],
-                              "train": ["loraflow/training.py", "loraflow/generation.py"],
-                              "evaluate": ["loraflow/degeneration.py", "loraflow/generation.py"]}
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
-def step_cache_key(step: str) -> Callable[[Any, dict[str, Any]], str]:
-    """Cache key of one step: its input files' content, its params sections, its code's source."""
-    source = Path(inspect.getsourcefile(STEP_MODULES[step]))
-    code = [PACKAGE_ROOT / c for c in CODE.get(step, [])]
+def step_cache_key(step: str, code_root: Path = PACKAGE_ROOT) -> Callable[[Any, dict[str, Any]], str]:
+    """Cache key of one step: its input files' content, its params sections, and the source of every project
+    module the step runs (loraflow.codedeps: the same files as its dvc.yaml stage's code deps)."""
+    code = [code_root / f for f in codedeps.step_modules(step, code_root)]
 
     def key(_ctx: Any, inputs: dict[str, Any]) -> str:
         params: Params = inputs["params"]
         p: Paths = inputs["p"]
         h = hashlib.sha256(f"{step}\0{p.root}\0{p.mode}\0{params.digest(*stage_sections(step))}\0".encode())
-        for f in (source, *code):
-            h.update(sha256_file(f).encode())
+        for f in code:
+            h.update(f"{f.relative_to(code_root).as_posix()}\0{sha256_file(f)}\n".encode())
         for path in INPUTS[step](p, params):
             h.update(f"{path.relative_to(p.root)}\0{content_hash(path)}\n".encode())
         return h.hexdigest()

@@ -1,4 +1,4 @@
-"""The `loraflow` command.
+"""The `loraflow` command (its entry point is flows/cli.py, which hands in what needs Prefect).
 
     loraflow run --mode retail_media -S train.max_steps=20   # the whole DAG through the Prefect flow
     loraflow report --mode retail_media                      # where the results are, and the headline numbers
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from loraflow.config import Paths, load_params, registered_model_name
 from loraflow.errors import LoraflowError
@@ -51,7 +53,7 @@ def _report(params_file: str, overrides: list[str], mode: str | None, root: str)
     return 0
 
 
-def _serve(args) -> int:
+def _serve(args, trigger: Callable[..., dict[str, Any]] | None) -> int:
     import logging
 
     import uvicorn
@@ -70,7 +72,8 @@ def _serve(args) -> int:
         unknown_mode=args.unknown_mode, poll_interval=args.poll_interval, max_messages=args.max_messages,
         max_chars=args.max_chars, max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
         feedback_threshold=args.feedback_threshold, trigger_command=args.on_feedback, deployment=args.deployment,
-        keys=keys, rate_limit=args.rate_limit, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
+        keys=keys, rate_limit=args.rate_limit, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+        trigger=trigger)
     uvicorn.run(create_app(params, settings), host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -93,7 +96,10 @@ def _registry_cmd(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, run_pipeline: Callable[..., Any] | None = None,
+         trigger: Callable[..., dict[str, Any]] | None = None) -> int:
+    """`run_pipeline(mode, params_file, overrides, root)` runs the Prefect flow and `trigger` starts a run from the
+    server's feedback; both come from the entry point (flows/cli.py): the library itself never imports flows."""
     ap = argparse.ArgumentParser(prog="loraflow", description="LoRA adapters proven better before anyone serves them.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, help_ in (("run", "run the whole pipeline for a mode through the Prefect flow"),
@@ -148,14 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "serve":
-            return _serve(args)
+            return _serve(args, trigger)
         if args.cmd in ("promote", "rollback"):
             return _registry_cmd(args)
         if args.cmd == "run":
             params = load_params(args.params, args.set)  # fail on bad params before starting Prefect
-            from flows.pipeline import pipeline
-
-            pipeline(args.mode or params.base.modes[0], args.params, args.set, args.root)
+            if run_pipeline is None:
+                raise LoraflowError("`run` needs the Prefect flow: use the `loraflow` command or "
+                                    "`python -m flows.cli run`")
+            run_pipeline(args.mode or params.base.modes[0], args.params, args.set, args.root)
             return _report(args.params, args.set, args.mode, args.root)
         return _report(args.params, args.set, args.mode, args.root)
     except LoraflowError as e:

@@ -104,7 +104,3 @@ def test_prefect_tasks_share_the_step_names():
     src = (ROOT / "flows" / "pipeline.py").read_text()
     assert re.findall(r'@task\(name="(\w+)"', src) == list(STEPS)
 
-
-def test_only_flows_import_prefect():
-    for path in list((ROOT / "steps").glob("*.py")) + list((ROOT / "loraflow").glob("*.py")):
-        assert not re.search(r"^\s*(from|import) prefect", path.read_text(), re.M), path

@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from flows.trigger import local_command, trigger_pipeline
+from flows.trigger import trigger_pipeline
 from loraflow import feedback as fb
 from loraflow.config import load_params
 from loraflow.io import read_jsonl
+from loraflow.serve.feedback import local_command
 from steps import curate
 from tests.conftest import ROOT, chat, write_jsonl
 
@@ -85,7 +86,7 @@ def test_curate_folds_feedback_into_sft_and_prefs_with_accounting(tmp_path):
 
 def test_default_trigger_is_loraflow_run_and_a_command_template_replaces_it(tmp_path, monkeypatch):
     argv = local_command("m", "params.yaml", ["train.max_steps=3"])
-    assert argv[1:] == ["-m", "loraflow.cli", "run", "--mode", "m", "--params", "params.yaml", "-S", "train.max_steps=3"]
+    assert argv[1:] == ["-m", "flows.cli", "run", "--mode", "m", "--params", "params.yaml", "-S", "train.max_steps=3"]
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     run = trigger_pipeline("m", tmp_path, command=f"{sys.executable} -c \"print('curating {{mode}}')\"")
     assert run["how"] == "local" and run["process"].wait(timeout=60) == 0

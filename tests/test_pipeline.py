@@ -103,3 +103,12 @@ def test_dvc_repro_runs_all_stages_then_nothing(project):
     again = _run([str(BIN / "dvc"), "repro"], project)
     assert again.returncode == 0 and "Running stage" not in again.stdout
     assert "Data and pipelines are up to date" in again.stdout
+    # an edit to the loss mask's module (run by validate and train, imported by neither step directly) is a
+    # change DVC sees: those two stages are stale, curate is not
+    checks = project / "loraflow" / "checks.py"
+    checks.write_text(checks.read_text() + "\n# edited\n")
+    status = _run([str(BIN / "dvc"), "status"], project)
+    assert status.returncode == 0, status.stderr
+    stale = {line.rstrip(":").strip() for line in status.stdout.splitlines() if line.rstrip().endswith(":")
+             and "@" in line and not line.startswith("\t")}
+    assert {f"validate@{MODE}", f"train@{MODE}"} <= stale and f"curate@{MODE}" not in stale, status.stdout

@@ -35,10 +35,18 @@ def _git(args: list[str], cwd: Path) -> str:
     return r.stdout
 
 
+# What a pipeline run leaves in a checkout, untracked but not ignored (dvc.lock, the drift profile, model cards,
+# metrics kept in git, users' feedback, the server's state): never part of a clone.
+RUN_OUTPUTS = ("data/", "model_cards/", "dvc.lock")
+
+
 def _clone(dst: Path) -> Path:
-    """What a fresh clone holds: the project's files git tracks, plus new ones not ignored (uncommitted work)."""
-    names = _git(["ls-files", "-z", "--cached", "--others", "--exclude-standard"], ROOT).split("\0")
-    for name in filter(None, names):
+    """What a fresh clone holds: the project's files git tracks, plus new ones not ignored (uncommitted work) —
+    but not what a run of the pipeline or the server left behind, so the test passes after `make pipeline` too."""
+    tracked = set(_git(["ls-files", "-z", "--cached"], ROOT).split("\0"))
+    new = [n for n in _git(["ls-files", "-z", "--others", "--exclude-standard"], ROOT).split("\0")
+           if not n.startswith(RUN_OUTPUTS)]
+    for name in filter(None, sorted(tracked) + new):
         if (ROOT / name).is_file():
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dst / name)

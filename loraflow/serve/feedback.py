@@ -1,9 +1,18 @@
 """The server's side of feedback: append each event durably, and start a pipeline run for a mode once enough
-new events have arrived. The on-disk format and what curation makes of it: loraflow/feedback.py."""
+new events have arrived. The on-disk format and what curation makes of it: loraflow/feedback.py.
+
+A run starts through `ServeSettings.trigger` when the entry point hands one in (flows/cli.py hands in
+flows.trigger.trigger_pipeline: a Prefect deployment run when PREFECT_API_URL is set); otherwise, and for a
+`trigger_command`, as a detached local process (`start_local_run`).
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import shlex
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,6 +21,29 @@ from loraflow import feedback as fb
 from loraflow.serve.settings import ServeSettings
 
 log = logging.getLogger("loraflow.serve")
+
+
+def local_command(mode: str, params_file: str, overrides: list[str], command: str | None = None) -> list[str]:
+    """`loraflow run --mode <mode>` (through the entry point module), or the `command` template with {mode}."""
+    if command:
+        return shlex.split(command.format(mode=mode))
+    sets = [a for o in overrides for a in ("-S", o)]
+    return [sys.executable, "-m", "flows.cli", "run", "--mode", mode, "--params", params_file, *sets]
+
+
+def start_local_run(mode: str, root: Path, params_file: str = "params.yaml", overrides: list[str] | None = None,
+                    command: str | None = None, deployment: str | None = None) -> dict[str, Any]:
+    """Start a run in a detached background process on this machine (`deployment` is not used here: it is in
+    the signature the handed-in trigger shares). Returns how it was started, with the process."""
+    argv = local_command(mode, params_file, overrides or [], command)
+    logs = Path(root) / "data" / "serve" / "runs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_file = logs / f"{mode}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%f}.log"
+    with open(log_file, "w", encoding="utf-8") as out:
+        # Its own session: a training run outlives a server restart, and the server's Ctrl-C does not reach it.
+        proc = subprocess.Popen(argv, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return {"how": "local", "argv": argv, "pid": proc.pid, "log": str(log_file), "process": proc,
+            "started": dt.datetime.now(dt.timezone.utc).isoformat()}
 
 
 class FeedbackSink:
@@ -60,11 +92,10 @@ class FeedbackSink:
         return proc is not None and proc.poll() is None
 
     def _trigger(self, mode: str) -> dict[str, Any] | None:
-        from flows.trigger import trigger_pipeline
-
         s = self.settings
+        start = s.trigger or start_local_run
         try:
-            run = trigger_pipeline(mode, Path(s.root), s.params_file, s.overrides, s.trigger_command, s.deployment)
+            run = start(mode, Path(s.root), s.params_file, s.overrides, s.trigger_command, s.deployment)
         except Exception:  # noqa: BLE001 - feedback is already safe on disk; the next one retries the trigger
             log.exception("feedback: could not start a pipeline run for mode %s", mode)
             return None

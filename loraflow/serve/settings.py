@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from loraflow.serve.auth import ApiKey
 
@@ -26,6 +27,9 @@ class ServeSettings:
     feedback_threshold: int = 50  # new feedback events for a mode that start a pipeline run; 0 = never
     trigger_command: str | None = None  # e.g. "python -m steps.curate ... {mode}"; None = Prefect or `loraflow run`
     deployment: str = "loraflow/on-demand"
+    # Starts a pipeline run: (mode, root, params_file, overrides, trigger_command, deployment) -> how it started.
+    # Handed in by the entry point (flows/cli.py: Prefect-aware); None = a local `loraflow run` process.
+    trigger: Callable[..., dict[str, Any]] | None = None
     response_memory: int = 10_000  # served answers remembered so feedback can name just the response id
     keys: list[ApiKey] = dataclasses.field(default_factory=list)  # none: anyone may call (loopback only, or --insecure)
     rate_limit: int = 60  # requests per minute per key, unless the key names its own rpm
