@@ -111,7 +111,7 @@ class CurateParams(_Section):
     feedback_min_rating: int = Field(4, ge=1, le=5)  # feedback rated at least this becomes an SFT record
     pii: PIIParams = PIIParams()
     length_stats_sample: int = Field(5000, ge=0)  # records whose token lengths feed the percentiles; 0 = all
-    # Processes that read and clean records: auto = one per core once the raw files pass 8 MiB; 1 = this one.
+    # Processes that read and clean records: auto = one per 16 MiB of raw files, up to one per core; 1 = this one.
     workers: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = "auto"
 
 
@@ -163,9 +163,9 @@ class TrainParams(_Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     lora_r: int = Field(16, ge=1)  # rank: 8-64 is the usual range; more data -> more rank
     lora_alpha: int = Field(32, ge=1)  # usually 2 * rank
-    lora_dropout: float = Field(0.0, ge=0, lt=1)  # Unsloth / LLaMA-Factory default; 0.05 costs ~25% on CPU
-    target_modules: str | list[str] = "all-linear"  # "all-linear" beats q/v-only clearly here (ENVIRONMENT.md)
-    learning_rate: float = Field(1e-3, gt=0)  # measured (bench/recipe.py); 1e-4..3e-4 is the usual 7B LoRA range
+    lora_dropout: float = Field(0.0, ge=0, lt=1)  # Unsloth / LLaMA-Factory default; 0.05 is slower on CPU (docs/results.md)
+    target_modules: str | list[str] = "all-linear"  # "all-linear" beats q/v-only clearly here (docs/results.md)
+    learning_rate: float = Field(1e-3, gt=0)  # measured (docs/results.md); 1e-4..3e-4 is the usual 7B LoRA range
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)  # share of the optimizer steps spent warming up
     neftune_noise_alpha: float | None = Field(None, gt=0)  # NEFTune embedding noise (5 in the paper); None = off
@@ -174,7 +174,7 @@ class TrainParams(_Section):
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(320, gt=16)  # tokens per training example after the chat template
-    gradient_checkpointing: bool = False  # saves memory, costs ~60% more time on CPU
+    gradient_checkpointing: bool = False  # saves memory, costs time per step (docs/benchmarks.md)
     logging_steps: int = Field(5, ge=1)
     # Loss on every assistant turn (and the end-of-turn token after it); false: on every token.
     assistant_only_loss: bool = True
