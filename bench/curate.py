@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loraflow.config import load_params  # noqa: E402
+from loraflow.curation.lengths import tokenizer  # noqa: E402
+from loraflow.curation.parallel import process_count  # noqa: E402
 from steps import curate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +75,7 @@ def bare_token_lengths(params, out: Path) -> float:
     from loraflow.models import chat_token_lengths
 
     recs = read_jsonl(out / "train.jsonl") + read_jsonl(out / "eval.jsonl")
-    tok = curate._tokenizer(params.base.model, params.base.model_cache, params.base.trust_remote_code)
+    tok = tokenizer(params.base.model, params.base.model_cache, params.base.trust_remote_code)
     t = time.process_time()
     chat_token_lengths(tok, [r["messages"] for r in recs])
     return time.process_time() - t
@@ -96,7 +98,7 @@ def main() -> None:
         size = sum(f.stat().st_size for f in (tmp / "raw" / "bench").iterdir())
         rates = {}
         for name, params in (("exact", exact), ("near-dup", near), ("exact, 1 process", single)):
-            workers = curate._workers(params, size)
+            workers = process_count(params, size)
             t = time.perf_counter()
             stats = curate.run(params, tmp / "raw" / "bench", tmp / f"out-{name}")
             dt = time.perf_counter() - t

@@ -1,7 +1,8 @@
 """Per-record facts the validation gate checks that Great Expectations cannot compute itself.
 
-The chat-template facts (renders, assistant spans, end-of-turn token), near-duplicate overlap between
-splits (MinHash), and the drift profile of a dataset that passed (record counts, token lengths, sources).
+The chat-template facts (renders, assistant spans, end-of-turn token), the text and exact key of a conversation
+that the overlap between splits compares (near duplicates: loraflow/neardup.py), and the drift profile of a
+dataset that passed (record counts, token lengths, sources).
 Pure functions over plain data, so they are unit-testable without GX.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterator
@@ -154,13 +154,6 @@ def _encode_with_offsets(tok, texts: list[str]) -> list[tuple[list[int], list[tu
 _WORD = re.compile(r"\w+")
 
 
-def shingles(text: str, n: int = 3) -> set[bytes]:
-    words = _WORD.findall(text.lower())
-    if len(words) < n:
-        return {" ".join(words).encode()}
-    return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
-
-
 def conversation_text(msgs: list[dict]) -> str:
     return "\n".join(str(m.get("content") or "") for m in msgs if isinstance(m, dict))
 
@@ -168,28 +161,6 @@ def conversation_text(msgs: list[dict]) -> str:
 def exact_key(msgs: list[dict]) -> str:
     """Case- and whitespace-insensitive key of a conversation (curated ids are hashes of exact text)."""
     return " ".join(_WORD.findall(conversation_text(msgs).lower()))
-
-
-def near_matches(train_texts: list[str], query_texts: list[str], threshold: float,
-                 num_perm: int = 64) -> list[tuple[int, float] | None]:
-    """For each query text, the index of a train text whose estimated word-3-gram Jaccard similarity is at
-    least `threshold` (and that similarity), else None. MinHash LSH keeps it linear in the data size."""
-    from datasketch import MinHash, MinHashLSH
-
-    if not train_texts or not query_texts:
-        return [None] * len(query_texts)
-    # crc32 (C, deterministic) instead of the default sha1: twice as fast, and MinHash permutes it anyway.
-    train_mh = MinHash.bulk([shingles(t) for t in train_texts], num_perm=num_perm, hashfunc=zlib.crc32)
-    query_mh = MinHash.bulk([shingles(t) for t in query_texts], num_perm=num_perm, hashfunc=zlib.crc32)
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    for i, mh in enumerate(train_mh):
-        lsh.insert(i, mh, check_duplication=False)
-    out: list[tuple[int, float] | None] = []
-    for mh in query_mh:
-        # LSH returns likely candidates; keep the best one whose estimate really clears the threshold.
-        best = max(((j, mh.jaccard(train_mh[j])) for j in lsh.query(mh)), key=lambda x: x[1], default=None)
-        out.append(best if best and best[1] >= threshold else None)
-    return out
 
 
 def profile(splits: dict[str, list[dict]], n_tokens: list[int], template_sha256: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loraflow import checks, models, pii
+from loraflow import checks, models, neardup, pii
 from loraflow.config import Params, load_params
 from loraflow.errors import ValidationFailed
 from loraflow.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json, write_text
@@ -118,7 +118,7 @@ def overlap_facts(eval_rows: list[dict], evals: list[dict], train_side: list[dic
         keys.setdefault(checks.exact_key(r["messages"]), r)
         keys.setdefault(f"id:{r.get('id')}", r)
     texts = [checks.conversation_text(r["messages"]) for r in train_side]
-    near = checks.near_matches(texts, [checks.conversation_text(r.get("messages") or []) for r in evals], threshold)
+    near = neardup.near_matches(texts, [checks.conversation_text(r.get("messages") or []) for r in evals], threshold)
     for row, r, nm in zip(eval_rows, evals, near, strict=True):
         same = keys.get(checks.exact_key(r.get("messages") or [])) or keys.get(f"id:{r.get('id')}")
         row["exact_overlap"] = same is not None

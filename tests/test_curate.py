@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from loraflow.config import load_params
+from loraflow.curation import parallel
 from loraflow.errors import CurationError
 from loraflow.io import read_jsonl
 from steps import curate
@@ -172,7 +173,7 @@ def test_reading_in_worker_processes_gives_the_same_bytes(tmp_path, caplog):
     outs = {}
     for workers in (1, 3):
         params = load_params(ROOT / "params.yaml", [f"curate.workers={workers}", "curate.too_long=truncate"])
-        with caplog.at_level("INFO", logger="steps.curate"):
+        with caplog.at_level("INFO", logger="loraflow.curation"):
             curate.run(params, raw, tmp_path / f"out{workers}")
         outs[workers] = {p.name: p.read_bytes() for p in (tmp_path / f"out{workers}").iterdir()}
     assert "in 3 processes" in caplog.text  # the second run did use workers
@@ -212,12 +213,12 @@ print(curate.run(params, Path({str(raw)!r}), Path({str(tmp_path / "out")!r}))["t
 
 def test_shares_cover_every_unit_once_and_spare_this_process_the_workers_cost():
     for parts, size in ((2, 70 << 20), (3, 200 << 20), (4, 17 << 20), (2, 0)):
-        shares = curate._shares(parts, size)
+        shares = parallel.unit_shares(parts, size)
         assert [s[0] for s in shares[1:]] == [s[1] for s in shares[:-1]] and shares[0][0] == 0
         assert shares[-1][1] == shares[-1][2] and len(shares) == parts
         widths = [hi - lo for lo, hi, _ in shares]
         assert all(w > 0 for w in widths) and widths[0] >= max(widths[1:])
-    assert curate._workers(load_params(ROOT / "params.yaml"), 1 << 20) == 1  # auto: small input, one process
+    assert parallel.process_count(load_params(ROOT / "params.yaml"), 1 << 20) == 1  # auto: small input, one process
 
 
 def _die(*args):
@@ -231,8 +232,8 @@ def test_a_dead_worker_loses_nothing(tmp_path, monkeypatch, caplog):
     _mixed_raw(raw, 600)
     params = load_params(ROOT / "params.yaml", ["curate.workers=1"])
     curate.run(params, raw, tmp_path / "one")
-    monkeypatch.setattr(curate, "_read_part", _die)  # what the workers are sent to run
-    with caplog.at_level("WARNING", logger="steps.curate"):
+    monkeypatch.setattr(parallel, "read_part", _die)  # what the workers are sent to run
+    with caplog.at_level("WARNING", logger="loraflow.curation"):
         curate.run(load_params(ROOT / "params.yaml", ["curate.workers=2"]), raw, tmp_path / "two")
     assert "a worker process failed" in caplog.text
     for name in (*curate.OUTPUTS, "stats.json"):

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from loraflow.config import load_params
-from steps.curate import normalise
+from loraflow.curation.normalise import normalise
 from tests.conftest import MODE, ROOT
 
 pytestmark = pytest.mark.slow

@@ -9,9 +9,9 @@ import pytest
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
 from loraflow.config import load_params
+from loraflow.curation.lengths import tokenizer
 from loraflow.models import load_tokenizer, resolve
 from loraflow.tokens import CHATML_TEMPLATE, ChatTokens, _chunkable
-from steps import curate
 from tests.conftest import ROOT
 
 BASE = load_params(ROOT / "params.yaml").base
@@ -25,7 +25,7 @@ PIECES = ["a", "Campanha", " ", "  ", "\t", "\n", "\n\n\n", " \n", "\n ", "'s", 
 
 @pytest.fixture(scope="module")
 def tok():
-    return curate._tokenizer(BASE.model, BASE.model_cache, BASE.trust_remote_code)
+    return tokenizer(BASE.model, BASE.model_cache, BASE.trust_remote_code)
 
 
 def _text(rng: random.Random, n: int = 60) -> str:
