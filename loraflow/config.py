@@ -60,12 +60,13 @@ class SourceSpec(_Section):
 
     glob: str
     format: Literal["auto", "openai", "prompt_completion", "alpaca", "sharegpt", "preference", "feedback",
-                    "csv", "tsv", "markdown", "html", "text"] = "auto"
+                    "csv", "tsv", "markdown", "html", "text", "pdf", "docx"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)  # csv/tsv: {question, answer, system} -> header
     delimiter: str | None = None  # csv: sniffed when unset
     encoding: str = "utf-8"
     html_to_text: bool | None = None  # None: on for csv/tsv cells, off elsewhere (code answers hold HTML)
     question_template: str = "{heading}"  # documents: {heading}, {path} (headings above it too), {title}
+    password: str | None = None  # an encrypted PDF's password (to open it; permissions are not checked)
 
     @field_validator("encoding")
     @classmethod
