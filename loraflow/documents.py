@@ -63,9 +63,11 @@ class Line:
     gap_before: float = 0.0  # vertical distance from the line above it in the same flow (0 at a page's top)
 
 
-def read_pdf(data: bytes, name: str, password: str | None = None) -> list[tuple[str, Any]]:
+def read_pdf(data: bytes, name: str, password: str | None = None, info: dict | None = None) -> list[tuple[str, Any]]:
     """Sections of a PDF (outline first, else headings its layout shows), or per-page Rejects; Reject for the
-    whole file when it cannot be opened or has no text layer at all."""
+    whole file when it cannot be opened or has no text layer at all. `info` gets what was read: pages, the
+    pages without text, where the sections came from (outline or layout) and how many."""
+    info = {} if info is None else info
     from pdfminer.pdfdocument import PDFDocument, PDFEncryptionError, PDFPasswordIncorrect
     from pdfminer.pdfparser import PDFParser, PDFSyntaxError
     from pdfminer.psexceptions import PSException
@@ -84,6 +86,7 @@ def read_pdf(data: bytes, name: str, password: str | None = None) -> list[tuple[
         pages, page_ids, heights = _pdf_lines(doc)
     except (PSException, ValueError, KeyError, TypeError, AttributeError) as e:
         raise Reject("corrupt_file", f"PDF content cannot be parsed ({type(e).__name__}: {e})") from None
+    info.update(pages=len(pages), pages_without_text=[n for n, lines in enumerate(pages, 1) if not lines])
     if not any(pages):
         raise Reject("no_text_layer", f"no text layer on any of its {len(pages)} page(s): a scan or images only; "
                      "curation does no OCR (run e.g. OCRmyPDF on it first)")
@@ -95,7 +98,9 @@ def read_pdf(data: bytes, name: str, password: str | None = None) -> list[tuple[
     flow = [ln for lines in pages for ln in lines]
     title = _pdf_title(doc) or name
     blocks = _outline_blocks(flow, outline, heights) if outline else _layout_blocks(flow)
-    out += _pdf_sections(blocks, title)
+    sections = _pdf_sections(blocks, title)
+    info.update(structure="outline" if outline else "layout", sections=len(sections))
+    out += sections
     return sorted(out, key=lambda item: _page_key(item[0]))
 
 
@@ -372,10 +377,10 @@ _HEADING_STYLE = re.compile(r"^(?:heading|t[íi]tulo|überschrift|titre|titolo)\
 _DOTTED = re.compile(r"^(\d+(?:\.\d+)+)\.?\s")
 
 
-def read_docx(data: bytes, name: str) -> list[tuple[str, Any]]:
+def read_docx(data: bytes, name: str, info: dict | None = None) -> list[tuple[str, Any]]:
     """Sections of a Word file by its headings (Heading styles, custom styles with an outline level, or
     paragraphs given one): tables as Markdown tables, lists kept, footnotes after the section that cites them.
-    Page headers and footers are never read (they live outside the body)."""
+    Page headers and footers are never read (they live outside the body). `info` gets the counts read."""
     import zipfile
 
     import docx
@@ -407,8 +412,12 @@ def read_docx(data: bytes, name: str) -> list[tuple[str, Any]]:
         cited[-1] += _note_refs(item._p)
     for (_, _, _, paras), refs in zip(blocks, cited, strict=True):
         paras.extend(f"[^{r}]: {notes[r]}" for r in dict.fromkeys(refs) if notes.get(r))
-    return [(idx, Section(heading, path, title, unicodedata.normalize("NFC", text)))
-            for idx, path, heading, text in _with_paths(blocks, title)]
+    out = [(idx, Section(heading, path, title, unicodedata.normalize("NFC", text)))
+           for idx, path, heading, text in _with_paths(blocks, title)]
+    if info is not None:
+        info.update(paragraphs=n, tables=len(document.tables), footnotes=len(notes), headings=len(blocks) - 1,
+                    sections=len(out))
+    return out
 
 
 def _docx_level(paragraph: Any) -> int:

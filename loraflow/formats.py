@@ -142,7 +142,7 @@ Share = tuple[int, int, int]  # (lo, hi, m): the units whose number modulo m is 
 WHOLE: Share = (0, 1, 1)
 
 
-def read_units(path: Path, opts: Options, share: Share = WHOLE) -> Iterator[tuple[int, str, Any]]:
+def read_units(path: Path, opts: Options, share: Share = WHOLE, info: dict | None = None) -> Iterator[tuple[int, str, Any]]:
     """Yield (unit, index, raw record) for each record of a file; an unparsable record comes as a Reject.
 
     Raises Reject when nothing in the file can be read (the reason names the line and what was expected).
@@ -151,6 +151,9 @@ def read_units(path: Path, opts: Options, share: Share = WHOLE) -> Iterator[tupl
     number modulo m is in [lo, hi), with every record of each (an Alpaca record's `instances` stay
     together): shares that cover [0, m), read in separate processes, merge back in order by (unit, position).
     JSON Lines skips other shares' lines before decoding them; other containers are parsed whole by each.
+
+    `info`, when given, gets what a document reader saw beyond its records: pages (and those without text),
+    paragraphs, tables, footnotes, sections, and how many sections were cut into how many pieces.
     """
     kind = container(path, opts.format)
     data = path.read_bytes()
@@ -162,8 +165,9 @@ def read_units(path: Path, opts: Options, share: Share = WHOLE) -> Iterator[tupl
     if kind in ("pdf", "docx"):
         from loraflow import documents
 
+        extra = {"password": opts.password} if kind == "pdf" else {}
         read = documents.read_pdf if kind == "pdf" else documents.read_docx
-        records = _fitted(read(data, Path(path).stem, **({"password": opts.password} if kind == "pdf" else {})), opts)
+        records = _fitted(read(data, Path(path).stem, info=info, **extra), opts, info)
         lo, hi, m = share
         yield from ((u, idx, rec) for u, (idx, rec) in enumerate(records) if lo <= u % m < hi)
         return
@@ -174,9 +178,9 @@ def read_units(path: Path, opts: Options, share: Share = WHOLE) -> Iterator[tupl
     if kind in ("csv", "tsv"):
         records = _read_csv(text, kind, opts)
     elif kind == "html":
-        records = _fitted(_html_document(text, Path(path).stem), opts)
+        records = _fitted(_html_document(text, Path(path).stem), opts, info)
     else:
-        records = _fitted(_sections(_markdown_blocks(text), Path(path).stem), opts)
+        records = _fitted(_sections(_markdown_blocks(text), Path(path).stem), opts, info)
     lo, hi, m = share
     yield from ((u, idx, rec) for u, (idx, rec) in enumerate(records) if lo <= u % m < hi)
 
@@ -433,8 +437,12 @@ def _html_document(text: str, stem: str) -> Iterator[tuple[str, Any]]:
     return _sections(blocks, stem)
 
 
-def _fitted(records: Iterator[tuple[str, Any]] | list[tuple[str, Any]], opts: Options) -> Iterator[tuple[str, Any]]:
+def _fitted(records: Iterator[tuple[str, Any]] | list[tuple[str, Any]], opts: Options,
+            info: dict | None = None) -> Iterator[tuple[str, Any]]:
     """Sections longer than opts.max_tokens cut into pieces that fit (index `<index>~<piece>`)."""
+    info = {} if info is None else info
+    info.setdefault("sections_cut", 0)
+    info.setdefault("pieces", 0)
     if opts.max_tokens is None:
         yield from records
         return
@@ -449,6 +457,8 @@ def _fitted(records: Iterator[tuple[str, Any]] | list[tuple[str, Any]], opts: Op
         if len(pieces) == 1:
             yield idx, pieces[0]
         else:
+            info["sections_cut"] += 1
+            info["pieces"] += len(pieces)
             yield from ((f"{idx}~{k}", piece) for k, piece in enumerate(pieces, 1))
 
 

@@ -222,3 +222,20 @@ def test_an_encrypted_pdf_without_its_password_is_quarantined_naming_file_and_fi
     shutil.copy(DOCS / "libreoffice-writer-password.pdf", raw)
     with pytest.raises(CurationError, match=r"m/libreoffice-writer-password.pdf: encrypted PDF: give its password"):
         curate.run(load_params(ROOT / "params.yaml"), raw, tmp_path / "out")
+
+
+@needs_documents
+def test_readers_report_what_each_document_held_for_its_stats():
+    info: dict = {}
+    recs = list(read_units(DOCS / "pdflatex-outline.pdf", Options(), info=info))
+    assert info == {"pages": 4, "pages_without_text": [], "structure": "outline", "sections": len(recs),
+                    "sections_cut": 0, "pieces": 0}
+    info = {}
+    with pytest.raises(Reject):
+        list(read_units(DOCS / "c02-22.pdf", Options(), info=info))
+    assert info == {"pages": 1, "pages_without_text": [1]}
+    info = {}
+    limited = Options(max_tokens=200)  # no tokenizer: the byte bound alone decides, so more is cut
+    recs = list(read_units(DOCS / "fixture_research_article.docx", limited, info=info))
+    assert info["tables"] == 11 and info["footnotes"] >= 1 and info["sections"] == 23
+    assert info["sections_cut"] > 0 and len(recs) == info["sections"] - info["sections_cut"] + info["pieces"]
