@@ -84,7 +84,7 @@ def read_pdf(data: bytes, name: str, password: str | None = None, info: dict | N
         raise Reject("corrupt_file", f"not a readable PDF ({type(e).__name__}: {e})") from None
     try:
         pages, page_ids, heights = _pdf_lines(doc)
-    except (PSException, ValueError, KeyError, TypeError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001  (a damaged stream fails deep inside pdfminer, in many ways: one file lost, not the run)
         raise Reject("corrupt_file", f"PDF content cannot be parsed ({type(e).__name__}: {e})") from None
     info.update(pages=len(pages), pages_without_text=[n for n, lines in enumerate(pages, 1) if not lines])
     if not any(pages):
@@ -285,14 +285,15 @@ def _layout_blocks(flow: list[Line]) -> list[Block]:
                 level = sizes.index(ln.size) + 1
             elif ln.bold and not body_bold and abs(ln.size - body_size) < 0.5 and len(ln.text) < 80:
                 level = len(sizes) + 1
-        if level == ARTICLE_LEVEL and not _ARTICLE_TEXT.match(ln.text[_ARTICLE.match(ln.text).end():]):
+        article = legal and level == ARTICLE_LEVEL
+        if article and not _ARTICLE_TEXT.match(ln.text[_ARTICLE.match(ln.text).end():]):
             level = 0  # "... nos termos do\nArt. 5º do Estatuto": a citation wrapped to the line start
         if not level:
             lines[-1].append(ln)
             i += 1
             continue
         heading, rest = ln.text, ""
-        if level == ARTICLE_LEVEL:
+        if article:
             m = _ARTICLE.match(ln.text)
             heading, rest = m.group(1), ln.text[m.end():]
         elif legal and i + 1 < len(flow) and _caption(flow[i + 1].text):
@@ -390,11 +391,24 @@ def read_docx(data: bytes, name: str, info: dict | None = None) -> list[tuple[st
         document = docx.Document(io.BytesIO(data))
     except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as e:
         raise Reject("corrupt_file", f"not a readable DOCX ({type(e).__name__}: {e})") from None
+    title = (document.core_properties.title or "").strip() or name
+    try:
+        blocks, counts = _docx_blocks(document)
+    except Exception as e:  # noqa: BLE001  (malformed XML inside a valid package: one file lost, not the run)
+        raise Reject("corrupt_file", f"DOCX content cannot be read ({type(e).__name__}: {e})") from None
+    out = [(idx, Section(heading, path, title, unicodedata.normalize("NFC", text)))
+           for idx, path, heading, text in _with_paths(blocks, title)]
+    if info is not None:
+        info.update(counts, headings=len(blocks) - 1, sections=len(out))
+    return out
+
+
+def _docx_blocks(document: Any) -> tuple[list[Block], dict[str, int]]:
     notes = _docx_notes(document)
     numbering = _Numbering(document)
-    title = (document.core_properties.title or "").strip() or name
     blocks: list[Block] = [("¶1", 0, "", [])]
     cited: list[list[str]] = [[]]
+    n = 0
     for n, item in enumerate(document.iter_inner_content(), 1):
         if item.__class__.__name__ == "Table":
             blocks[-1][3].append(_table_markdown(item._tbl))
@@ -412,12 +426,7 @@ def read_docx(data: bytes, name: str, info: dict | None = None) -> list[tuple[st
         cited[-1] += _note_refs(item._p)
     for (_, _, _, paras), refs in zip(blocks, cited, strict=True):
         paras.extend(f"[^{r}]: {notes[r]}" for r in dict.fromkeys(refs) if notes.get(r))
-    out = [(idx, Section(heading, path, title, unicodedata.normalize("NFC", text)))
-           for idx, path, heading, text in _with_paths(blocks, title)]
-    if info is not None:
-        info.update(paragraphs=n, tables=len(document.tables), footnotes=len(notes), headings=len(blocks) - 1,
-                    sections=len(out))
-    return out
+    return blocks, {"paragraphs": n, "tables": len(document.tables), "footnotes": len(notes)}
 
 
 def _docx_level(paragraph: Any) -> int:

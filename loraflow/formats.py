@@ -167,7 +167,10 @@ def read_units(path: Path, opts: Options, share: Share = WHOLE, info: dict | Non
 
         extra = {"password": opts.password} if kind == "pdf" else {}
         read = documents.read_pdf if kind == "pdf" else documents.read_docx
-        records = _fitted(read(data, Path(path).stem, info=info, **extra), opts, info)
+        read_records = read(data, Path(path).stem, info=info, **extra)
+        if not read_records:
+            raise Reject("empty_file", f"no text in this {kind.upper()} file (nothing under or between its headings)")
+        records = _fitted(read_records, opts, info)
         lo, hi, m = share
         yield from ((u, idx, rec) for u, (idx, rec) in enumerate(records) if lo <= u % m < hi)
         return

@@ -105,6 +105,56 @@ def test_scanned_and_encrypted_pdfs_are_rejected_with_their_reason_and_the_passw
     assert len(secs) == 1 and secs[0][1].text.startswith("Lorem ipsum dolor sit amet")
 
 
+def tiny_pdf(pages: list[list[tuple[int, int, str]] | None]) -> bytes:
+    """A PDF whose pages hold (x, y, text) lines in Helvetica 11; None: a page without a text layer."""
+    objs = ["<< /Type /Catalog /Pages 2 0 R >>", "", "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    kids = []
+    for lines in pages:
+        ops = " ".join(f"BT /F1 11 Tf {x} {y} Td ({t}) Tj ET" for x, y, t in lines or [])
+        objs.append(f"<< /Length {len(ops)} >>\nstream\n{ops}\nendstream")
+        objs.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {len(objs)} 0 R "
+                    "/Resources << /Font << /F1 3 0 R >> >> >>")
+        kids.append(f"{len(objs)} 0 R")
+    objs[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(kids)} >>"
+    out, offsets = b"%PDF-1.4\n", []
+    for i, o in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += f"{i} 0 obj\n{o}\nendobj\n".encode("latin-1")
+    xref = len(out)
+    out += f"xref\n0 {len(objs) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    return out + f"trailer\n<< /Size {len(objs) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+
+
+def _page(n: int, body: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    return [(72, 760, "Manual interno de compras"), *body, (300, 30, str(n))]  # a running header, a page number
+
+
+def test_pdf_two_columns_read_column_by_column_and_page_furniture_dropped(tmp_path):
+    left = [(72, 700 - 14 * i, t) for i, t in enumerate(
+        ["CAPITULO I", "DAS COMPRAS", "Art. 1 Toda compra passa", "pela area de suprimentos.", "Art. 2 O pedido vai",
+         "por escrito."])]
+    right = [(330, 700 - 14 * i, t) for i, t in enumerate(
+        ["Art. 3 O fornecedor e", "cadastrado antes.", "Art. 4 O pagamento sai", "em trinta dias."])]
+    pages = [_page(1, left + right), None, _page(3, [(72, 700, "Art. 5 Casos omissos vao"), (72, 686, "ao diretor.")]),
+             _page(4, [(72, 700, "Art. 6 Esta norma vale desde ja.")])]
+    (tmp_path / "norma.pdf").write_bytes(tiny_pdf(pages))
+    info: dict = {}
+    out = [(idx, rec) for _, idx, rec in read_units(tmp_path / "norma.pdf", Options(), info=info)]
+    secs = {idx: (rec.path, rec.text) for idx, rec in out if isinstance(rec, Section)}
+    assert secs == {
+        "p1": ("CAPITULO I – DAS COMPRAS > Art. 1", "Toda compra passa pela area de suprimentos."),
+        "p1.2": ("CAPITULO I – DAS COMPRAS > Art. 2", "O pedido vai por escrito."),
+        "p1.3": ("CAPITULO I – DAS COMPRAS > Art. 3", "O fornecedor e cadastrado antes."),  # the right column after the left
+        "p1.4": ("CAPITULO I – DAS COMPRAS > Art. 4", "O pagamento sai em trinta dias."),
+        "p3": ("CAPITULO I – DAS COMPRAS > Art. 5", "Casos omissos vao ao diretor."),
+        "p4": ("CAPITULO I – DAS COMPRAS > Art. 6", "Esta norma vale desde ja."),
+    }  # no "Manual interno de compras", no page numbers
+    scan = dict(out)["p2"]
+    assert isinstance(scan, Reject) and scan.code == "no_text_layer" and str(scan).startswith("page 2:")
+    assert info["pages"] == 4 and info["pages_without_text"] == [2] and info["structure"] == "layout"
+
+
 def test_corrupt_pdf_and_docx_are_rejected(tmp_path):
     (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj << /Type /Catalog >>\nthis is not a pdf")
     (tmp_path / "broken.docx").write_bytes(b"PK\x03\x04 not really a zip")
@@ -112,6 +162,12 @@ def test_corrupt_pdf_and_docx_are_rejected(tmp_path):
         with pytest.raises(Reject) as e:
             list(read_units(tmp_path / name, Options()))
         assert e.value.code == "corrupt_file", name
+    import docx
+
+    docx.Document().save(tmp_path / "blank.docx")
+    with pytest.raises(Reject, match="no text in this DOCX file") as e:
+        list(read_units(tmp_path / "blank.docx", Options()))
+    assert e.value.code == "empty_file"
 
 
 # ------------------------------------------------------------------------------------------------ DOCX
