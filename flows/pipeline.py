@@ -75,8 +75,8 @@ def content_hash(path: Path) -> str:
 
 
 # Library code a step's results depend on beyond its own module (the .py deps of its dvc.yaml stage).
-CODE: dict[str, list[str]] = {"curate": ["loraflow/formats.py", "loraflow/neardup.py", "loraflow/pii.py",
-                                         "loraflow/tokens.py"],
+CODE: dict[str, list[str]] = {"curate": ["loraflow/formats.py", "loraflow/documents.py", "loraflow/neardup.py",
+                                         "loraflow/pii.py", "loraflow/tokens.py"],
                               "train": ["loraflow/training.py", "loraflow/generation.py"],
                               "evaluate": ["loraflow/degeneration.py", "loraflow/generation.py"]}
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
