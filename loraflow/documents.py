@@ -182,9 +182,10 @@ def _pdf_title(doc: Any) -> str:
 
 
 def _outline(doc: Any, page_ids: dict[int, int]) -> list[tuple[int, str, int, float | None]]:
-    """(level, title, page, top as a share of the page height or None) per bookmark that points into the file."""
+    """(level, title, page, top in PDF points or None) per bookmark that points to a page of the file."""
     from pdfminer.pdfdocument import PDFNoOutlines
     from pdfminer.pdftypes import PDFObjRef, resolve1
+    from pdfminer.psparser import PSLiteral
 
     try:
         entries = list(doc.get_outlines())
@@ -196,6 +197,8 @@ def _outline(doc: Any, page_ids: dict[int, int]) -> list[tuple[int, str, int, fl
             if dest is None and action is not None:
                 dest = resolve1(action).get("D")
             dest = resolve1(dest)
+            if isinstance(dest, PSLiteral):
+                dest = dest.name
             if isinstance(dest, bytes | str):
                 dest = resolve1(doc.get_dest(dest))
             if isinstance(dest, dict):
@@ -206,9 +209,11 @@ def _outline(doc: Any, page_ids: dict[int, int]) -> list[tuple[int, str, int, fl
             page = None
         if page is None:
             continue
-        top = None  # /XYZ left top zoom: where on the page the bookmark points
-        if len(dest) >= 4 and isinstance(resolve1(dest[3]), int | float):
-            top = float(resolve1(dest[3]))
+        # Where on the page it points: [page /XYZ left top zoom] or [page /FitH top]; other fits name the page only.
+        fit = getattr(resolve1(dest[1]), "name", "") if len(dest) > 1 else ""
+        at = {"XYZ": 3, "FitH": 2, "FitBH": 2}.get(fit)
+        top = resolve1(dest[at]) if at is not None and len(dest) > at else None
+        top = float(top) if isinstance(top, int | float) else None
         text = title if isinstance(title, str) else (title or b"").decode("latin-1")
         out.append((level, unicodedata.normalize("NFC", " ".join(text.split())), page, top))
     return out
