@@ -60,12 +60,13 @@ class SourceSpec(_Section):
 
     glob: str
     format: Literal["auto", "openai", "prompt_completion", "alpaca", "sharegpt", "preference", "feedback",
-                    "csv", "tsv", "markdown", "html", "text"] = "auto"
+                    "csv", "tsv", "markdown", "html", "text", "pdf", "docx"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict)  # csv/tsv: {question, answer, system} -> header
     delimiter: str | None = None  # csv: sniffed when unset
     encoding: str = "utf-8"
     html_to_text: bool | None = None  # None: on for csv/tsv cells, off elsewhere (code answers hold HTML)
     question_template: str = "{heading}"  # documents: {heading}, {path} (headings above it too), {title}
+    password: str | None = None  # an encrypted PDF's password (to open it; permissions are not checked)
 
     @field_validator("encoding")
     @classmethod
@@ -101,6 +102,20 @@ class PIIParams(_Section):
     ip: bool = True
 
 
+class TeacherParams(_Section):
+    """An OpenAI-compatible endpoint that writes question/answer pairs from document sections (loraflow/teacher.py)."""
+
+    url: str  # e.g. http://127.0.0.1:8000/v1 (loraflow serve), http://localhost:11434/v1 (Ollama), a hosted API
+    model: str = "base"
+    api_key_env: str | None = None  # the environment variable holding the API key (never the key itself)
+    questions_per_section: int = Field(3, ge=1, le=20)
+    min_grounding: float = Field(0.8, gt=0, le=1)  # share of an answer's content words that must occur in its section
+    cache_dir: str = ".cache/teacher"  # completions by section content hash, relative to the project root
+    timeout_s: float = Field(120.0, gt=0)
+    max_tokens: int = Field(512, ge=16)
+    temperature: float = Field(0.2, ge=0)
+
+
 class CurateParams(_Section):
     eval_fraction: float = Field(0.1, gt=0, lt=1)  # share of conversations held out, by stable hash
     sources: list[SourceSpec] = Field(default_factory=list)  # files no spec matches: format detected
@@ -113,6 +128,7 @@ class CurateParams(_Section):
     length_stats_sample: int = Field(5000, ge=0)  # records whose token lengths feed the percentiles; 0 = all
     # Processes that read and clean records: auto = one per 16 MiB of raw files, up to one per core; 1 = this one.
     workers: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = "auto"
+    teacher: TeacherParams | None = None  # None: no generated pairs, sections become records as they are
 
 
 # YAML 1.1 reads a bare `off` as false: take it as meant.

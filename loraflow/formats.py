@@ -29,10 +29,12 @@ from typing import Any
 
 # Formats a source spec may name; "auto" decides per file (documents, CSV) or per record (JSON keys).
 RECORD_FORMATS = ("openai", "prompt_completion", "alpaca", "sharegpt", "preference", "feedback")
-FILE_FORMATS = ("csv", "tsv", "markdown", "html", "text")
+FILE_FORMATS = ("csv", "tsv", "markdown", "html", "text", "pdf", "docx")
+DOCUMENTS = ("markdown", "html", "text", "pdf", "docx")  # read as heading sections (loraflow/documents.py)
 FORMATS = ("auto", *RECORD_FORMATS, *FILE_FORMATS)
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".md": "markdown",
-              ".markdown": "markdown", ".html": "html", ".htm": "html", ".txt": "text"}
+              ".markdown": "markdown", ".html": "html", ".htm": "html", ".txt": "text",
+              ".pdf": "pdf", ".docx": "docx"}
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system",
@@ -111,12 +113,17 @@ class Options:
     # A legacy prompt/completion file's format markers (file_markers), cut from every record that ends with them
     prompt_separator: str = ""
     completion_stop: str = ""
+    password: str | None = None  # an encrypted PDF's (user) password
+    # Documents: sections longer than this many tokens under the chat template are cut between paragraphs
+    # (None: kept whole), counted with this tokenizer (base.model, base.model_cache, base.trust_remote_code).
+    max_tokens: int | None = None
+    tokenizer: tuple[str, str, bool] | None = None
 
 
 # ----------------------------------------------------------------------------------------------- reading
 
 def container(path: Path, fmt: str) -> str:
-    """How the file is laid out: jsonl, json, csv, tsv, markdown, html or text."""
+    """How the file is laid out: jsonl, json, csv, tsv, or one of DOCUMENTS."""
     if fmt in FILE_FORMATS:
         return fmt
     kind = EXTENSIONS.get(path.suffix.lower())
@@ -125,7 +132,7 @@ def container(path: Path, fmt: str) -> str:
             return "jsonl"  # a record format named explicitly on an odd extension: one JSON object a line
         raise Reject("unknown_format", f"unknown format: extension {path.suffix or '(none)'!r} is none of "
                      f"{', '.join(sorted(EXTENSIONS))}; name the format for this file in curate.sources")
-    if kind in ("markdown", "html", "text", "csv", "tsv") and fmt in RECORD_FORMATS:
+    if kind in (*DOCUMENTS, "csv", "tsv") and fmt in RECORD_FORMATS:
         raise Reject("unknown_format", f"curate.sources says format {fmt!r}, but {path.suffix} files hold "
                      f"{kind}, not JSON records")
     return kind
@@ -135,7 +142,7 @@ Share = tuple[int, int, int]  # (lo, hi, m): the units whose number modulo m is 
 WHOLE: Share = (0, 1, 1)
 
 
-def read_units(path: Path, opts: Options, share: Share = WHOLE) -> Iterator[tuple[int, str, Any]]:
+def read_units(path: Path, opts: Options, share: Share = WHOLE, info: dict | None = None) -> Iterator[tuple[int, str, Any]]:
     """Yield (unit, index, raw record) for each record of a file; an unparsable record comes as a Reject.
 
     Raises Reject when nothing in the file can be read (the reason names the line and what was expected).
@@ -144,6 +151,9 @@ def read_units(path: Path, opts: Options, share: Share = WHOLE) -> Iterator[tupl
     number modulo m is in [lo, hi), with every record of each (an Alpaca record's `instances` stay
     together): shares that cover [0, m), read in separate processes, merge back in order by (unit, position).
     JSON Lines skips other shares' lines before decoding them; other containers are parsed whole by each.
+
+    `info`, when given, gets what a document reader saw beyond its records: pages (and those without text),
+    paragraphs, tables, footnotes, sections, and how many sections were cut into how many pieces.
     """
     kind = container(path, opts.format)
     data = path.read_bytes()
@@ -152,6 +162,18 @@ def read_units(path: Path, opts: Options, share: Share = WHOLE) -> Iterator[tupl
     if kind == "jsonl":
         yield from _expand(_read_jsonl(data, opts.encoding, share), opts)
         return
+    if kind in ("pdf", "docx"):
+        from loraflow import documents
+
+        extra = {"password": opts.password} if kind == "pdf" else {}
+        read = documents.read_pdf if kind == "pdf" else documents.read_docx
+        read_records = read(data, Path(path).stem, info=info, **extra)
+        if not read_records:
+            raise Reject("empty_file", f"no text in this {kind.upper()} file (nothing under or between its headings)")
+        records = _fitted(read_records, opts, info)
+        lo, hi, m = share
+        yield from ((u, idx, rec) for u, (idx, rec) in enumerate(records) if lo <= u % m < hi)
+        return
     text = _decode(data, opts.encoding)
     if kind == "json":
         yield from _expand(_read_json(text, share), opts)
@@ -159,9 +181,9 @@ def read_units(path: Path, opts: Options, share: Share = WHOLE) -> Iterator[tupl
     if kind in ("csv", "tsv"):
         records = _read_csv(text, kind, opts)
     elif kind == "html":
-        records = _sections(_html_blocks(text), Path(path).stem)
+        records = _fitted(_html_document(text, Path(path).stem), opts, info)
     else:
-        records = _sections(_markdown_blocks(text), Path(path).stem)
+        records = _fitted(_sections(_markdown_blocks(text), Path(path).stem), opts, info)
     lo, hi, m = share
     yield from ((u, idx, rec) for u, (idx, rec) in enumerate(records) if lo <= u % m < hi)
 
@@ -399,6 +421,48 @@ def _html_blocks(text: str) -> list[tuple[Any, int, str, list[str]]]:
     if title and not blocks[0][2]:
         blocks[0] = (blocks[0][0], 0, title, blocks[0][3])
     return blocks
+
+
+def _html_document(text: str, stem: str) -> Iterator[tuple[str, Any]]:
+    """A page's main content (loraflow/documents.py) by heading; each section indexed by where its heading
+    stands in the page as read (the main content is a cleaned copy, its own positions mean nothing)."""
+    from loraflow.documents import main_content
+
+    where: dict[str, list[Any]] = {}
+    for line, _, heading, _ in _html_blocks(text)[1:]:
+        where.setdefault(heading, []).append(line)
+    body, _ = main_content(text)
+    blocks = _html_blocks(body)
+    for i, (_, level, heading, lines) in enumerate(blocks):
+        spots = where.get(heading) if level else None
+        # A heading the page does not have is its title, put over an article that had none.
+        blocks[i] = (spots.pop(0) if spots else "1:1" if level else 1, level, heading, lines)
+    return _sections(blocks, stem)
+
+
+def _fitted(records: Iterator[tuple[str, Any]] | list[tuple[str, Any]], opts: Options,
+            info: dict | None = None) -> Iterator[tuple[str, Any]]:
+    """Sections longer than opts.max_tokens cut into pieces that fit (index `<index>~<piece>`)."""
+    info = {} if info is None else info
+    info.setdefault("sections_cut", 0)
+    info.setdefault("pieces", 0)
+    if opts.max_tokens is None:
+        yield from records
+        return
+    from loraflow.documents import section_fits, split_section
+
+    def question(sec: Section) -> str:
+        return opts.question_template.format(heading=sec.heading, path=sec.path, title=sec.title)
+
+    fits = section_fits(question, opts.max_tokens, opts.tokenizer)
+    for idx, rec in records:
+        pieces = split_section(rec, fits) if isinstance(rec, Section) else [rec]
+        if len(pieces) == 1:
+            yield idx, pieces[0]
+        else:
+            info["sections_cut"] += 1
+            info["pieces"] += len(pieces)
+            yield from ((f"{idx}~{k}", piece) for k, piece in enumerate(pieces, 1))
 
 
 def _sections(blocks: list[tuple[Any, int, str, list[str]]], stem: str) -> Iterator[tuple[str, Any]]:

@@ -27,11 +27,15 @@ def spec_for(rel: str, specs: list[SourceSpec]) -> SourceSpec | None:
 
 def _options(spec: SourceSpec | None, params: Params) -> Options:
     c = params.curate
-    base = {"tools": c.tools, "feedback_min_rating": c.feedback_min_rating}
+    base = {"tools": c.tools, "feedback_min_rating": c.feedback_min_rating,
+            # documents: long sections are cut to fit, counted with the base model's tokenizer
+            "max_tokens": params.base.max_seq_len,
+            "tokenizer": (params.base.model, params.base.model_cache, params.base.trust_remote_code)}
     if spec is None:
         return Options(**base)
     return Options(format=spec.format, columns=dict(spec.columns), delimiter=spec.delimiter, encoding=spec.encoding,
-                   html_to_text=spec.html_to_text, question_template=spec.question_template, **base)
+                   html_to_text=spec.html_to_text, question_template=spec.question_template,
+                   password=spec.password, **base)
 
 
 def read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str, SourceStats],
