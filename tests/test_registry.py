@@ -217,6 +217,7 @@ def test_two_promotions_at_once_leave_one_champion_the_better_one(params, client
 def test_model_card_is_attached_to_the_version_and_parses_back(params, client, tmp_path):
     from huggingface_hub import ModelCard
 
+    from loraflow import modelcard
     from steps import model_card
 
     adapter, metrics_file = make_candidate(params, tmp_path, "a", 0.5)
@@ -238,7 +239,7 @@ def test_model_card_is_attached_to_the_version_and_parses_back(params, client, t
     import mlflow
 
     mv = client.get_model_version(NAME, decision["version"])
-    local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=model_card.CARD_ARTIFACT,
+    local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=modelcard.CARD_ARTIFACT,
                                                 dst_path=str(tmp_path / "dl"), tracking_uri=client.tracking_uri)
     card = ModelCard.load(local)
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
