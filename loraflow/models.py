@@ -7,9 +7,11 @@ or a Hugging Face hub id (needs the network and HF_HUB_OFFLINE=0).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 from filelock import FileLock
 
@@ -151,8 +153,23 @@ def chat_token_lengths(tok, conversations: list[list[dict]]) -> list[int | None]
 
 
 def template_sha256(tok) -> str:
-    """Hash of the tokenizer's chat template: validate, train and evaluate record it so serving can prove it
-    renders conversations the way training did."""
+    """Hash of the tokenizer's chat template: train (train_info.json), validate, evaluate and the registry tag
+    record it, so serving can prove it renders conversations the way training did. The one definition."""
     import hashlib
 
     return hashlib.sha256((tok.chat_template or "").encode()).hexdigest()
+
+
+def saved_chat_template(folder: str | Path) -> str | None:
+    """The chat template a tokenizer saved in `folder` loads with, read without loading the tokenizer:
+    `chat_template.jinja` first (read as transformers reads it), else tokenizer_config.json's `chat_template`."""
+    jinja, config = Path(folder) / "chat_template.jinja", Path(folder) / "tokenizer_config.json"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    return json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.exists() else None
+
+
+def saved_template_sha256(folder: str | Path) -> str:
+    """`template_sha256` of the tokenizer saved in `folder`: for an adapter folder, the value train wrote to
+    its train_info.json. Reads one small file, so registering an adapter loads no tokenizer."""
+    return template_sha256(SimpleNamespace(chat_template=saved_chat_template(folder)))

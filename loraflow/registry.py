@@ -1,4 +1,8 @@
-"""Moving the `champion` alias safely: a registry-wide lock, the champion history, rollback.
+"""Everything that writes the MLflow model registry: registering an adapter with its evidence tags, moving
+the `champion` / `challenger` aliases safely (a registry-wide lock, the champion history), rollback.
+
+`register` records a `loraflow.promotion.Decision`; it decides nothing itself except, under the lock, whether
+a champion that moved since the candidate was evaluated may still be replaced (`move_aliases`).
 
 MLflow's alias and tag writes are last-writer-wins on every backend (no compare-and-set), so a tag used as
 a version counter cannot detect a concurrent writer. The one atomic test-and-set the registry API offers on
@@ -22,9 +26,16 @@ import socket
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from loraflow import generation, models, tracking
+from loraflow.config import Params, registered_model_name
 from loraflow.errors import LoraflowError
+from loraflow.io import read_json
+
+if TYPE_CHECKING:
+    from loraflow.promotion import Decision
 
 log = logging.getLogger(__name__)
 
@@ -170,3 +181,122 @@ def rollback(client, name: str) -> dict[str, Any]:
         _write_history(client, name, events)
         _verify(client, name, previous)
     return {"registered_model": name, "from": current, "to": previous, "aliases_after": aliases(client, name)}
+
+
+def version_tags(params: Params, adapter_dir: Path, mode: str, info: dict, metrics: dict,
+                 decision: Decision) -> dict[str, str]:
+    """The evidence a version carries: hashes (adapter, data, eval set, chat template), commit, params, metrics,
+    the decision and what the version was evaluated against."""
+    summary = {n: {k: round(v["mean"], 6) for k, v in metrics[n].items() if isinstance(v, dict) and "mean" in v}
+               for n in ("base", "champion", "candidate") if metrics.get(n)}
+    tags = {
+        "mode": mode,
+        "adapter_sha256": info["adapter_sha256"],
+        "train_data_sha256": info.get("train_data_sha256", ""),
+        "eval_set_sha256": metrics["eval_set"]["sha256"],
+        "chat_template_sha256": models.saved_template_sha256(adapter_dir),
+        "git_commit": info.get("git_commit") or tracking.git_commit() or "",
+        "base_model": params.base.model,
+        "params.train": json.dumps(info.get("params", {}), sort_keys=True),
+        "params.promote": json.dumps(params.promote.model_dump(), sort_keys=True),
+        "metrics": json.dumps(summary, sort_keys=True),
+        "decision": decision.decision,
+        "decision_reason": decision.reason,
+        "evaluated_against_champion": str(metrics.get("champion_version") or "none"),
+        **tracking.dvc_hashes(adapter_dir, mode),
+    }
+    return tags
+
+
+def register(params: Params, mode: str, adapter_dir: Path, metrics: dict, decision: Decision) -> dict[str, Any]:
+    """Create (or reuse) the registry version for this adapter and move aliases as decided."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import infer_signature
+
+    from loraflow.pyfunc import AdapterModel
+
+    name = registered_model_name(mode)
+    tracking.setup(params, mode)
+    client = mlflow.MlflowClient()
+    info = read_json(adapter_dir / "train_info.json")
+    sha = info["adapter_sha256"]
+    try:
+        client.create_registered_model(name, description=f"LoRA adapters for mode {mode!r}, managed by loraflow")
+    except MlflowException:
+        pass  # exists
+
+    # Idempotent: the same adapter (by content hash) is registered once, however often promote re-runs.
+    existing = client.search_model_versions(f"name='{name}' and tag.adapter_sha256='{sha}'")
+    if existing:
+        version = str(existing[0].version)
+        log.info("registry: adapter %s already registered as %s v%s", sha[:12], name, version)
+    else:
+        signature = infer_signature(["What is retail media?"], ["An answer."],
+                                    params={"max_new_tokens": generation.load(adapter_dir, params.generate).max_new_tokens})
+        with mlflow.start_run(run_id=info["mlflow_run_id"]):
+            model_info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=AdapterModel(),
+                artifacts={"adapter": str(adapter_dir)},
+                model_config={"base_model": params.base.model, "model_cache": params.base.model_cache},
+                signature=signature,
+                pip_requirements=["loraflow", "torch", "transformers", "peft", "mlflow"],
+                registered_model_name=name,
+            )
+        version = str(model_info.registered_model_version)
+    for k, v in version_tags(params, Path(adapter_dir), mode, info, metrics, decision).items():
+        client.set_model_version_tag(name, version, k, v)
+    with alias_lock(client, name):
+        note = move_aliases(client, name, version, metrics, decision, params.promote.min_delta)
+    client.set_model_version_tag(name, version, "alias_outcome", note)
+    return {"registered_model": name, "version": version, "aliases_after": aliases(client, name),
+            "registry_note": note}
+
+
+def move_aliases(client, name: str, version: str, metrics: dict, decision: Decision, min_delta: float) -> str:
+    """Compare-and-set under the lock: re-read `champion`, then move it only if that is still right."""
+    if decision.decision == "challenger":
+        client.set_registered_model_alias(name, "challenger", version)
+        return "challenger: " + decision.reason
+    current = aliases(client, name).get("champion")
+    evaluated_against = metrics.get("champion_version")
+    evaluated_against = str(evaluated_against) if evaluated_against else None
+    mv = client.get_model_version(name, version)
+    if current == version:
+        return f"already champion (v{version}); nothing moved"
+    if ROLLED_BACK_TAG in mv.tags:
+        # A person rolled this adapter back: the pipeline never undoes that.
+        return f"not moved: v{version} was rolled back ({mv.tags[ROLLED_BACK_TAG]})"
+    if current == evaluated_against:
+        # The reason is in the version's decision_reason tag; the history stays short enough to read in the UI.
+        move_champion(client, name, version, "pipeline (promote, policy auto)")
+        return f"champion moved to v{version} (was {('v' + current) if current else 'none'})"
+    # Champion moved since this candidate was evaluated. A sibling run evaluated against the same champion on
+    # the same eval set can be compared on the same numbers (the better one wins); anything else (a person's
+    # choice, a newer lineage) is left alone.
+    cur = client.get_model_version(name, current) if current else None
+    m = decision.metric
+    if (cur is not None and cur.tags.get("evaluated_against_champion") == str(evaluated_against or "none")
+            and cur.tags.get("eval_set_sha256") == metrics["eval_set"]["sha256"]
+            and "metrics" in cur.tags and _by_pipeline(client, name, current)):
+        # Same eval set, same reference: the means in its `metrics` tag (6 decimals) compare with ours.
+        theirs, ours = json.loads(cur.tags["metrics"])["candidate"][m], round(metrics["candidate"][m]["mean"], 6)
+        if ours - theirs > min_delta:
+            move_champion(client, name, version, "pipeline (promote, policy auto)",
+                                   f"beat concurrent v{current}")
+            # The displaced sibling passed the gate too: it ends where it would have had it come second.
+            client.set_registered_model_alias(name, "challenger", current)
+            return f"champion moved to v{version}: beats v{current}, promoted concurrently ({m} {ours:.4f} vs {theirs:.4f})"
+        client.set_registered_model_alias(name, "challenger", version)
+        return f"challenger: concurrent champion v{current} is as good or better ({m} {theirs:.4f} vs {ours:.4f})"
+    log.warning("registry: champion moved to v%s since evaluation (against %s); leaving it, marking challenger",
+                current, evaluated_against or "no champion")
+    client.set_registered_model_alias(name, "challenger", version)
+    return (f"challenger: champion moved to v{current} since this candidate was evaluated "
+            f"(against {('v' + evaluated_against) if evaluated_against else 'no champion'}); left as it is")
+
+
+def _by_pipeline(client, name: str, version: str) -> bool:
+    events = history(client, name)
+    return bool(events) and events[-1]["version"] == version and events[-1]["by"].startswith("pipeline")

@@ -4,7 +4,7 @@ no champion."""
 from __future__ import annotations
 
 from loraflow.config import PromoteParams
-from steps.promote import decide
+from loraflow.promotion import decide
 
 
 def _m(v: float) -> dict:

@@ -217,6 +217,7 @@ def test_two_promotions_at_once_leave_one_champion_the_better_one(params, client
 def test_model_card_is_attached_to_the_version_and_parses_back(params, client, tmp_path):
     from huggingface_hub import ModelCard
 
+    from loraflow import modelcard
     from steps import model_card
 
     adapter, metrics_file = make_candidate(params, tmp_path, "a", 0.5)
@@ -238,7 +239,7 @@ def test_model_card_is_attached_to_the_version_and_parses_back(params, client, t
     import mlflow
 
     mv = client.get_model_version(NAME, decision["version"])
-    local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=model_card.CARD_ARTIFACT,
+    local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=modelcard.CARD_ARTIFACT,
                                                 dst_path=str(tmp_path / "dl"), tracking_uri=client.tracking_uri)
     card = ModelCard.load(local)
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
@@ -246,3 +247,24 @@ def test_model_card_is_attached_to_the_version_and_parses_back(params, client, t
     assert card.data.library_name == "peft" and "## Promotion decision" in card.text
     assert "| stop_rate (answers that end their turn) | 95% [90%, 100%] | 95% [90%, 100%] |" in card.text
     assert mv.description.startswith(f"# {NAME}") and "**promote**" in mv.description
+
+
+@pytest.mark.parametrize("jinja_file", [True, False], ids=["chat_template.jinja", "tokenizer_config.json"])
+def test_template_tag_equals_train_info_hash_for_a_saved_tokenizer(tmp_path, monkeypatch, jinja_file):
+    """One chat-template hash: the registry tag of an adapter folder equals what train writes to train_info.json
+    (models.template_sha256 of the tokenizer it saves there), in either format transformers saves a template."""
+    from loraflow import models
+    from loraflow.promotion import Decision
+
+    monkeypatch.chdir(tmp_path)  # no dvc.lock in reach
+    params = load_params(ROOT / "params.yaml")
+    tok = models.load_tokenizer(models.resolve(params.base.model, params.base.model_cache))
+    adapter = tmp_path / "adapter"
+    tok.save_pretrained(adapter, save_jinja_files=jinja_file)
+    assert (adapter / "chat_template.jinja").exists() == jinja_file
+    train_info_hash = models.template_sha256(tok)
+    assert tok.chat_template and train_info_hash != models.template_sha256(type("NoTemplate", (), {"chat_template": None}))
+    tags = registry.version_tags(params, adapter, MODE, {"adapter_sha256": "a" * 64, "git_commit": "abc"},
+                                 {"eval_set": {"sha256": EVAL_SHA}}, Decision("promote", "r", "rougeL", "base", 0.1))
+    assert tags["chat_template_sha256"] == train_info_hash
+    assert models.template_sha256(models.load_tokenizer(str(adapter))) == train_info_hash  # what serving loads
