@@ -7,29 +7,15 @@ Pure functions over plain data, so they are unit-testable without GX.
 
 from __future__ import annotations
 
-import json
 import re
 import zlib
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 BIN_WIDTH = 8  # tokens per histogram bin of the drift profile: fine enough for a KS statistic, small in git
-
-
-def end_of_turn_ids(tok, model_dir: str | None = None) -> set[int]:
-    """Token ids that end a turn: the tokenizer's EOS plus the generation config's eos_token_id(s).
-
-    Generation stops at the generation config's ids, so a template that closes turns with one of them stops.
-    """
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    if model_dir and (Path(model_dir) / "generation_config.json").exists():
-        eos = json.loads((Path(model_dir) / "generation_config.json").read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ids
 
 
 def template_facts(tok, conversations: list[list[dict]], eot_ids: set[int]) -> list[dict[str, Any]]:
