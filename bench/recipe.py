@@ -6,7 +6,7 @@
 
 Each recipe trains one adapter through `steps.train.run` (the real step: MLflow, checkpoints and all) on
 the curated sample data, in a process of its own, then answers the held-out eval split (21 prompts) with
-`steps.evaluate.generate_detailed` — greedy, max_new_tokens as params.yaml sets it, with and without the
+`loraflow.generation.generate_detailed` — greedy, max_new_tokens as params.yaml sets it, with and without the
 `generate` section's anti-repetition settings — and is scored like the evaluate step scores: ROUGE-L,
 BERTScore, end-of-turn stop rate, loop rate (a word 4-gram said 3+ times), seq-rep-4, and the paired
 bootstrap 95% interval of its ROUGE-L gain over the base model's answers to the same prompts.
@@ -70,10 +70,12 @@ def prepare(work: Path, params) -> tuple[Path, Path]:
 
 
 def answers(params, adapter: Path | None, prompts: list, decoding: dict | None):
+    """Greedy answers at params.yaml's max_new_tokens with `decoding`'s anti-repetition settings (None: none)."""
     from peft import PeftModel
 
+    from loraflow.config import GenerateParams
+    from loraflow.generation import end_of_turn_ids, generate_detailed
     from loraflow.models import load_causal_lm, load_tokenizer, resolve
-    from steps.evaluate import end_of_turn_ids, generate_detailed
 
     path = resolve(params.base.model, params.base.model_cache)
     tok = load_tokenizer(str(adapter) if adapter else path)
@@ -81,13 +83,13 @@ def answers(params, adapter: Path | None, prompts: list, decoding: dict | None):
     if adapter:
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
-    return generate_detailed(model, tok, prompts, params.generate.max_new_tokens, params.evaluate.batch_size,
-                             end_of_turn_ids(tok, model), decoding)
+    gp = GenerateParams(max_new_tokens=params.generate.max_new_tokens, repetition_penalty=1.0, **(decoding or {}))
+    return generate_detailed(model, tok, prompts, gp, params.evaluate.batch_size, end_of_turn_ids(tok, model))
 
 
 def scored(params, gen, refs: list[str]) -> dict:
     from loraflow import degeneration
-    from steps.evaluate import score
+    from loraflow.metrics import score
 
     s = score(gen.answers, refs, params.evaluate)
     rows = degeneration.health(gen.answers, gen.stopped)
@@ -124,7 +126,7 @@ def one(name: str, work: Path, results: Path) -> None:
 
 def table(results: Path, default: str | None) -> str:
     from loraflow.config import load_params
-    from steps.evaluate import bootstrap_diff
+    from loraflow.metrics import bootstrap_diff
 
     rows = {r["name"]: r for r in map(json.loads, results.read_text().splitlines())}
     base = rows.get("base")
@@ -150,7 +152,7 @@ def decoding_table(path: Path, default: str | None) -> str:
     """The re-decoded adapters (bench/recipe_decoding.py), and the headline: the default recipe answering with
     params.yaml's `generate` settings against the base with the same settings, as the evaluate step compares."""
     from loraflow.config import load_params
-    from steps.evaluate import bootstrap_diff
+    from loraflow.metrics import bootstrap_diff
 
     if not path.exists():
         return "(no bench/results/decoding.jsonl: run bench/recipe_decoding.py)"

@@ -4,8 +4,8 @@ prompts again with other generate() settings, without training anything.
     python bench/recipe_decoding.py lr1e-3_b4_e2 '{"repetition_penalty": 1.1}' --work /tmp/sweep -S generate.max_new_tokens=128
     python bench/recipe_decoding.py base '{};{"repetition_penalty": 1.1}' --work /tmp/sweep
 
-The second argument is a ';'-separated list of JSON objects of extra greedy generate() arguments ({} = plain
-greedy). Each is scored like bench/recipe.py scores (ROUGE-L, BERTScore, stop, loop) and appended to
+The second argument is a ';'-separated list of JSON objects of `generate` anti-repetition settings
+(repetition_penalty, no_repeat_ngram_size; {} = plain greedy). Each is scored like bench/recipe.py scores (ROUGE-L, BERTScore, stop, loop) and appended to
 bench/results/decoding.jsonl with the answers; the gain is paired against the base model's plain greedy
 answers in bench/results/recipe.jsonl. The last line is the last setting's headline, number first.
 """
@@ -26,11 +26,11 @@ def main() -> None:
     from bench.recipe import answers, scored
     from loraflow.config import load_params
     from loraflow.io import read_jsonl
-    from steps.evaluate import bootstrap_diff
+    from loraflow.metrics import bootstrap_diff
 
     ap = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
     ap.add_argument("adapter", help="a recipe name whose adapter is in WORK/adapters, or 'base'")
-    ap.add_argument("settings", help="';'-separated JSON objects of generate() arguments")
+    ap.add_argument("settings", help="';'-separated JSON objects of `generate` anti-repetition settings")
     ap.add_argument("--work", type=Path, required=True, help="the sweep folder bench/recipe.py --work used")
     ap.add_argument("-S", dest="overrides", action="append", default=[], help="params override, e.g. generate.max_new_tokens=128")
     ap.add_argument("--results", type=Path, default=ROOT / "bench/results/decoding.jsonl")

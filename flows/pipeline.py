@@ -36,6 +36,7 @@ from prefect.variables import Variable
 from loraflow import codedeps
 from loraflow import handoff as handoff_io
 from loraflow.config import Params, Paths, load_params, stage_sections
+from loraflow.evaluation import METRICS
 from loraflow.io import sha256_file, sha256_tree
 from steps import curate as curate_step
 from steps import evaluate as evaluate_step
@@ -236,7 +237,7 @@ def _eval_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         s = metrics.get(name)
         if s:
             rows.append({"model": name, **{m: f"{s[m]['mean']:.4f} [{s[m]['ci_low']:.4f}, {s[m]['ci_high']:.4f}]"
-                                           for m in evaluate_step.METRICS}})
+                                           for m in METRICS}})
     return rows
 
 

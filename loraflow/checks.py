@@ -8,31 +8,17 @@ Pure functions over plain data, so they are unit-testable without GX.
 
 from __future__ import annotations
 
-import json
 import re
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 BIN_WIDTH = 8  # tokens per histogram bin of the drift profile: fine enough for a KS statistic, small in git
 
 
-def end_of_turn_ids(tok, model_dir: str | None = None) -> set[int]:
-    """Token ids that end a turn: the tokenizer's EOS plus the generation config's eos_token_id(s).
-
-    Generation stops at the generation config's ids, so a template that closes turns with one of them stops.
-    """
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    if model_dir and (Path(model_dir) / "generation_config.json").exists():
-        eos = json.loads((Path(model_dir) / "generation_config.json").read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ids
-
-
-def template_facts(tok, conversations: list[list[dict]], eot_ids: set[int]) -> list[dict[str, Any]]:
+def template_facts(tok, conversations: list[list[dict]], eot_ids: Collection[int]) -> list[dict[str, Any]]:
     """For each conversation: does the chat template render it, its token count, whether each assistant
     turn's content can be located as a token span (what assistant-only loss masks), and whether an
     end-of-turn token follows each assistant turn (else generations never stop).
@@ -87,7 +73,7 @@ class AssistantTurn:
 
 
 def assistant_turns(text: str, ids: list[int], offsets: list[tuple[int, int]], msgs: list[dict],
-                    eot_ids: set[int]) -> Iterator[AssistantTurn]:
+                    eot_ids: Collection[int]) -> Iterator[AssistantTurn]:
     """Locate each assistant turn's content as a token span of the rendered conversation.
 
     The same search serves the validation gate (can the spans be found?) and training (the loss mask).
@@ -118,7 +104,7 @@ def assistant_turns(text: str, ids: list[int], offsets: list[tuple[int, int]], m
         yield AssistantTurn(k, first, last, nxt, nxt if nxt < len(ids) and ids[nxt] in eot_ids else None)
 
 
-def assistant_masks(tok, conversations: list[list[dict]], eot_ids: set[int]) -> list[tuple[list[int], list[int]]]:
+def assistant_masks(tok, conversations: list[list[dict]], eot_ids: Collection[int]) -> list[tuple[list[int], list[int]]]:
     """Token ids of each rendered conversation and a mask that is 1 on every assistant turn's content and
     the end-of-turn token that closes it (so the model learns to stop), 0 elsewhere.
 

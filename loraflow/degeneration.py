@@ -10,23 +10,18 @@ Per answer this measures:
 - stopped: the model ended its turn (an end-of-turn token) instead of running into max_new_tokens;
 - empty: no word at all.
 
-Words are the same as ROUGE's here: lower-cased Unicode word characters after NFC, so accents count.
+Words are ROUGE's (loraflow.metrics.words): lower-cased Unicode word characters after NFC, so accents count.
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections import Counter
 from typing import Any
 
+from loraflow.metrics import words
+
 N = 4
 LOOP_TIMES = 3
-_word = re.compile(r"\w+", re.UNICODE)
-
-
-def words(text: str) -> list[str]:
-    return _word.findall(unicodedata.normalize("NFC", text).lower())
 
 
 def _ngrams(ws: list[str], n: int) -> list[tuple[str, ...]]:

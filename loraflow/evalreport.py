@@ -12,8 +12,8 @@ import io
 from pathlib import Path
 
 from loraflow import degeneration
+from loraflow.evaluation import MODELS
 
-MODELS = ("base", "champion", "candidate")
 METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bertscore": "BERTScore"}
 COLORS = {"base": "#9e9e9e", "champion": "#1f77b4", "candidate": "#ff7f0e"}
 

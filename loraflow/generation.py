@@ -1,16 +1,25 @@
-"""How an adapter answers: the decoding settings that belong to it.
+"""The generation contract: how an adapter answers and where its turn ends, defined once.
 
-train writes params.yaml's `generate` section beside the adapter as generation_config.json (the keys are
-transformers' GenerationConfig names, so `GenerationConfig.from_pretrained(adapter_dir)` and servers that read
-a model folder's generation_config.json understand it); promote registers it with the version (it is in the
-adapter folder). evaluate (greedy), the MLflow pyfunc model and `loraflow serve` read it back with `load` and
-turn it into generate() arguments with `generate_kwargs`, so the settings an adapter was judged with are the
-ones it is served with.
+- **Decoding settings.** train writes params.yaml's `generate` section beside the adapter as
+  generation_config.json (the keys are transformers' GenerationConfig names, so
+  `GenerationConfig.from_pretrained(adapter_dir)` and servers that read a model folder's generation_config.json
+  understand it); promote registers it with the version (it is in the adapter folder). evaluate, the MLflow pyfunc
+  model, the benches and `loraflow serve` read it back with `load` and turn it into generate() arguments with
+  `generate_kwargs`, the one function that does, so the settings an adapter was judged with are the ones it is
+  served with.
+- **End of turn.** `end_of_turn_ids` is the one rule for the tokens that end an assistant turn: the train loss
+  mask learns to write them, the validation gate checks the template writes them, and evaluate, the pyfunc model
+  and the server's engine (batched, streamed and merged) stop at them.
+- **The generate loop.** `generate_detailed` is the one batched greedy loop (evaluate, the pyfunc model, the
+  benches); the server's engine schedules its own batches with the same two functions above.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +47,7 @@ def load(folder: Path | str | None, default: GenerateParams | None = None) -> Ge
 
 def generate_kwargs(gp: GenerateParams, *, greedy: bool = False, max_new_tokens: int | None = None,
                     temperature: float | None = None, top_p: float | None = None) -> dict[str, Any]:
-    """generate() arguments: the adapter's settings, a request's own values where given.
+    """generate() decoding arguments: the adapter's settings, a request's own values where given.
 
     greedy=True (evaluation) ignores the sampling settings; otherwise a request's temperature wins, then the
     adapter's (when its do_sample is on); temperature 0 means greedy. The anti-repetition settings apply to
@@ -56,7 +65,96 @@ def generate_kwargs(gp: GenerateParams, *, greedy: bool = False, max_new_tokens:
     return kw
 
 
-def decoding(gp: GenerateParams) -> dict[str, Any]:
-    """The greedy extras evaluation passes besides max_new_tokens (recorded in metrics.json)."""
-    kw = generate_kwargs(gp, greedy=True)
-    return {k: v for k, v in kw.items() if k not in ("max_new_tokens", "num_beams", "do_sample")}
+# ---------------------------------------------------------------------------------------------- end of turn
+
+_PROBE = "loraflow-end-of-turn-probe"
+
+
+def end_of_turn_ids(tok, model: Any = None) -> list[int]:
+    """Token ids that end an assistant turn, sorted: the tokenizer's eos, the model's generation eos and the
+    special token the chat template writes right after an assistant message (<|im_end|>, <|eot_id|>,
+    <end_of_turn>...), which is not always the eos (Llama 3 instruct: eos <|end_of_text|>, end of turn
+    <|eot_id|>; Gemma: eos <eos>, end of turn <end_of_turn>).
+
+    `model`: a loaded model (its `generation_config`), or a model folder (its generation_config.json), or None.
+    """
+    ids = {tok.eos_token_id} - {None}
+    gen_eos = _generation_eos(model)
+    ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}],
+                                       tokenize=False)
+    except Exception:  # noqa: BLE001 - no usable template: the eos ids are all we have
+        text = ""
+    if _PROBE in text:
+        # Llama 3's <|eot_id|> is an added token marked special but in no special-token attribute, so
+        # all_special_ids alone misses it.
+        special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+        tail = tok(text.split(_PROBE, 1)[1], add_special_tokens=False)["input_ids"]
+        ids.update(next(([i] for i in tail if i in special), []))
+    return sorted(ids)
+
+
+def _generation_eos(model: Any) -> int | list[int] | None:
+    if isinstance(model, str | Path):
+        path = Path(model) / FILE
+        return json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
+    return getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One model's answers and what produced them."""
+
+    answers: list[str]
+    new_tokens: list[int]
+    stopped: list[bool]  # ended at an end-of-turn token (False: ran into max_new_tokens)
+    prompts_sha256: str  # of the rendered prompt texts actually tokenized
+    settings: dict[str, Any]  # the generation settings actually passed
+    seconds: float
+
+    @property
+    def settings_sha256(self) -> str:
+        return _sha(self.settings)
+
+    def part(self, lo: int, hi: int) -> Generated:
+        return replace(self, answers=self.answers[lo:hi], new_tokens=self.new_tokens[lo:hi], stopped=self.stopped[lo:hi])
+
+
+def generate_detailed(model, tok, prompts: list[list[dict]], gp: GenerateParams, batch_size: int,
+                      stop_ids: list[int] | None = None) -> Generated:
+    """Greedy answers for chat prompts with `gp`'s max_new_tokens and anti-repetition settings, batched (left
+    padding, sorted by length), stopping at the end of turn; order is preserved."""
+    import torch
+
+    stop_ids = sorted(stop_ids if stop_ids is not None else end_of_turn_ids(tok, model))
+    kwargs = generate_kwargs(gp, greedy=True)
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    # Sorting by length keeps padding (wasted compute) small; left padding keeps every prompt's last token
+    # at the end, where generation continues, and generate() derives position ids from the attention mask.
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    settings = {"batch_size": batch_size, **kwargs, "stop_token_ids": stop_ids, "pad_token_id": tok.pad_token_id,
+                "padding_side": "left"}
+    answers, new_tokens, stopped = [""] * len(texts), [0] * len(texts), [False] * len(texts)
+    tok.padding_side = "left"
+    stops = set(stop_ids)
+    t = time.perf_counter()
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            out = model.generate(**enc, **kwargs, pad_token_id=tok.pad_token_id, eos_token_id=stop_ids)
+        for row, i in zip(out[:, enc["input_ids"].shape[1]:].tolist(), idx, strict=True):
+            # Finished rows are padded to the batch's longest answer: cut at the first end-of-turn.
+            end = next((k for k, x in enumerate(row) if x in stops), None)
+            answers[i] = tok.decode(row[:end], skip_special_tokens=True).strip()
+            new_tokens[i] = len(row) if end is None else end + 1
+            stopped[i] = end is not None
+    return Generated(answers, new_tokens, stopped, _sha(texts), settings, time.perf_counter() - t)

@@ -24,15 +24,14 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
 
         cfg = context.model_config or {}
         adapter = context.artifacts["adapter"]
-        gp = generation.load(adapter)
-        self.decoding = generation.decoding(gp)
-        self.max_new_tokens = int(cfg.get("max_new_tokens", gp.max_new_tokens))
+        self.gen = generation.load(adapter)
+        self.max_new_tokens = int(cfg.get("max_new_tokens", self.gen.max_new_tokens))
         self.tok = load_tokenizer(adapter)
         base = load_causal_lm(resolve(cfg["base_model"], cfg.get("model_cache", "~/.cache/loraflow")))
         self.model = PeftModel.from_pretrained(base, adapter).eval()
 
     def predict(self, context, model_input: Any, params: dict | None = None) -> list[str]:
-        from steps.evaluate import generate
+        from loraflow.generation import generate_detailed
 
         if hasattr(model_input, "columns"):  # a DataFrame
             # The signature's unnamed string column arrives as column 0.
@@ -43,4 +42,5 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
             items = list(model_input) if isinstance(model_input, list | tuple) else [model_input]
         prompts = [[{"role": "user", "content": x}] if isinstance(x, str) else list(x) for x in items]
         n = int((params or {}).get("max_new_tokens", self.max_new_tokens))
-        return generate(self.model, self.tok, prompts, n, batch_size=8, decoding=self.decoding)
+        gp = self.gen.model_copy(update={"max_new_tokens": n})
+        return generate_detailed(self.model, self.tok, prompts, gp, batch_size=8).answers

@@ -244,7 +244,8 @@ def sft_dataset(tok, records: list[dict], max_length: int, assistant_only: bool,
     plus its end-of-turn token, cut to max_length (keep the start). Returns (dataset, records truncated)."""
     from datasets import Dataset
 
-    from loraflow.checks import assistant_masks, end_of_turn_ids
+    from loraflow.checks import assistant_masks
+    from loraflow.generation import end_of_turn_ids
 
     rows, truncated = [], 0
     for ids, mask in assistant_masks(tok, [r["messages"] for r in records], end_of_turn_ids(tok, model_dir)):

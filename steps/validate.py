@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from loraflow import checks, validation
+from loraflow import generation, validation
 from loraflow.config import Params, load_params
 from loraflow.errors import ValidationFailed
 from loraflow.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json, write_text
@@ -43,7 +43,7 @@ def run(params: Params, curated_dir: Path, out_dir: Path, profile_file: Path | N
     curated_dir, out_dir = Path(curated_dir), Path(out_dir)
     model_dir = resolve(params.base.model, params.base.model_cache)
     tok = load_tokenizer(model_dir, params.base.trust_remote_code)
-    eot = checks.end_of_turn_ids(tok, model_dir)
+    eot = generation.end_of_turn_ids(tok, model_dir)
     data = {s: read_jsonl(curated_dir / f"{s}.jsonl") if (curated_dir / f"{s}.jsonl").exists() else [] for s in SPLITS}
     last = read_json(profile_file) if profile_file and Path(profile_file).exists() else None
 

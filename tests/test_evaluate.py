@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraflow.config import load_params
+from loraflow import evaluation, generation
+from loraflow.config import GenerateParams, load_params
+from loraflow.errors import EvalSetError
+from loraflow.io import sha256_file
 from steps import evaluate
 from tests.conftest import ROOT, mlflow_client, write_jsonl
 
@@ -40,24 +43,24 @@ def test_guard_sets_in_params_are_deps_of_the_evaluate_stage():
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]["do"]["deps"]
     assert params.evaluate.guard_sets and set(params.evaluate.guard_sets) <= set(deps)
     for path in params.evaluate.guard_sets:
-        es = evaluate.load_eval_set(ROOT / path, None)
+        es = evaluation.load_eval_set(ROOT / path, None)
         assert es.total >= 10 and all(r["messages"][-1]["role"] == "assistant" for r in es.records)
 
 
 def test_bad_guard_record_names_file_record_and_field(tmp_path):
     f = write_jsonl(tmp_path / "g.jsonl", [*_chat_records(PT_QA[:1]), {"messages": [{"role": "user", "content": "x"}]}])
-    with pytest.raises(evaluate.EvalSetError, match=r"g\.jsonl: record 2: field 'messages'.*assistant"):
-        evaluate.load_eval_set(f, None)
-    with pytest.raises(evaluate.EvalSetError, match="not found"):
-        evaluate.load_eval_set(tmp_path / "missing.jsonl", None)
+    with pytest.raises(EvalSetError, match=r"g\.jsonl: record 2: field 'messages'.*assistant"):
+        evaluation.load_eval_set(f, None)
+    with pytest.raises(EvalSetError, match="not found"):
+        evaluation.load_eval_set(tmp_path / "missing.jsonl", None)
 
 
 def test_worst_regressions_lists_only_drops_lowest_first():
-    es = evaluate.EvalSet(Path("e.jsonl"), "0" * 64, 3, _chat_records(PT_QA[:3]))
-    gens = {n: evaluate.Generated([f"{n}{i}" for i in range(3)], [1] * 3, [True] * 3, "h", {}, 0.0)
+    es = evaluation.EvalSet(Path("e.jsonl"), "0" * 64, 3, _chat_records(PT_QA[:3]))
+    gens = {n: generation.Generated([f"{n}{i}" for i in range(3)], [1] * 3, [True] * 3, "h", {}, 0.0)
             for n in ("base", "candidate")}
     scores = {"base": {"rougeL": [0.5, 0.5, 0.5]}, "candidate": {"rougeL": [0.4, 0.9, 0.1]}}
-    worst = evaluate.worst_regressions(es, gens, scores, "rougeL", 5)
+    worst = evaluation.worst_regressions(es, gens, scores, "rougeL", 5)
     assert worst["candidate_vs_champion"] is None
     assert [w["id"] for w in worst["candidate_vs_base"]] == ["r3", "r1"]  # r2 improved: not a regression
     assert worst["candidate_vs_base"][0] == {
@@ -68,18 +71,18 @@ def test_worst_regressions_lists_only_drops_lowest_first():
 def test_forgetting_worst_picks_the_set_with_the_lowest_delta():
     def block(d):
         return {"deltas": {"candidate_vs_base": {m: {"mean": d, "ci_low": d - 0.1, "ci_high": d + 0.1}
-                                                 for m in evaluate.METRICS}, "candidate_vs_champion": None}}
+                                                 for m in evaluation.METRICS}, "candidate_vs_champion": None}}
 
-    w = evaluate.forgetting_worst({"a.jsonl": block(0.05), "b.jsonl": block(-0.2)})
+    w = evaluation.forgetting_worst({"a.jsonl": block(0.05), "b.jsonl": block(-0.2)})
     assert w["candidate_vs_base"]["rougeL"] == {"set": "b.jsonl", "mean": -0.2, "ci_low": -0.30000000000000004,
                                                 "ci_high": -0.1}
     assert w["candidate_vs_champion"] is None
-    assert evaluate.forgetting_worst({}) == {"candidate_vs_base": None, "candidate_vs_champion": None}
+    assert evaluation.forgetting_worst({}) == {"candidate_vs_base": None, "candidate_vs_champion": None}
 
 
 def test_judge_summary_counts_ties_half():
     ep = load_params(ROOT / "params.yaml").evaluate
-    s = evaluate.judge_summary(["win", "tie", "loss", "win"], ep, seed=0)
+    s = evaluation.judge_summary(["win", "tie", "loss", "win"], ep, seed=0)
     assert (s["n"], s["wins"], s["ties"], s["losses"]) == (4, 2, 1, 1)
     assert s["win_rate"]["mean"] == pytest.approx(0.625) and s["win_rate"]["ci_low"] <= 0.625 <= s["win_rate"]["ci_high"]
 
@@ -88,7 +91,7 @@ def test_end_of_turn_is_the_chat_templates_im_end():
     from loraflow.models import load_tokenizer, resolve
 
     tok = load_tokenizer(resolve("embedded:SmolLM2-135M-Instruct"))
-    ids = evaluate.end_of_turn_ids(tok)
+    ids = generation.end_of_turn_ids(tok)
     assert tok.convert_tokens_to_ids("<|im_end|>") in ids
     assert "<|im_end|>" in tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
                                                    tokenize=False)
@@ -144,18 +147,18 @@ def _files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _check_common(m: dict, out: Path, guard: Path) -> None:
-    assert m["eval_set"]["sha256"] == evaluate.sha256_file(out.parent / "eval.jsonl")
+    assert m["eval_set"]["sha256"] == sha256_file(out.parent / "eval.jsonl")
     g = m["generation"]
     assert g["stop_tokens"] == ["<|im_end|>"] and g["greedy"] and g["max_new_tokens"] == 10
     # every model got the very same prompts and settings
     assert len({(x["prompts_sha256"], x["settings_sha256"]) for x in g["per_model"].values()}) == 1
     assert {x["prompts_sha256"] for x in g["per_model"].values()} == {g["prompts_sha256"]}
     for name in ("base", "candidate"):
-        for metric in evaluate.METRICS:
+        for metric in evaluation.METRICS:
             s = m[name][metric]
             assert 0 <= s["ci_low"] <= s["mean"] <= s["ci_high"] <= 1
         assert 0 < m[name]["length"]["new_tokens_mean"] <= 10
-    assert set(m["deltas"]["candidate_vs_base"]) == set(evaluate.METRICS)
+    assert set(m["deltas"]["candidate_vs_base"]) == set(evaluation.METRICS)
     f = m["forgetting"]["sets"][str(guard)]
     assert f["eval_set"]["size"] == 2 and f["deltas"]["candidate_vs_base"]["rougeL"]["ci_low"] <= f["deltas"]["candidate_vs_base"]["rougeL"]["mean"]
     assert m["forgetting"]["worst"]["candidate_vs_base"]["rougeL"]["set"] == str(guard)
@@ -212,7 +215,7 @@ def test_with_champion_compares_to_both_and_judge_runs(tmp_path, adapters):
     _check_common(m, out, guard)
     assert m["champion_version"] == str(info.registered_model_version) and m["note"] is None
     assert set(m["generation"]["per_model"]) == {"base", "champion", "candidate"}
-    for metric in evaluate.METRICS:
+    for metric in evaluation.METRICS:
         assert 0 <= m["champion"][metric]["mean"] <= 1
         d = m["deltas"]["candidate_vs_champion"][metric]
         assert d["ci_low"] <= d["mean"] <= d["ci_high"]
@@ -222,9 +225,9 @@ def test_with_champion_compares_to_both_and_judge_runs(tmp_path, adapters):
     assert len(preds) == 2 and any(p["champion_answer"] != p["candidate_answer"] for p in preds)
     # every model answered with the candidate's generation_config.json (these hand-made adapters have none:
     # params.yaml's `generate` section), and each model's degeneration rates are measured
-    assert all(0 <= m[n]["degeneration"][r]["mean"] <= 1 for n in evaluate.MODELS for r in ("stop_rate", "loop_rate"))
+    assert all(0 <= m[n]["degeneration"][r]["mean"] <= 1 for n in evaluation.MODELS for r in ("stop_rate", "loop_rate"))
     assert m["generation"]["repetition_penalty"] == m["generation"]["generation_config"]["repetition_penalty"] == 1.1
-    assert {k for p in preds for k in p} >= {f"{n}_{k}" for n in evaluate.MODELS for k in ("loop", "stopped", "seq_rep_4")}
+    assert {k for p in preds for k in p} >= {f"{n}_{k}" for n in evaluation.MODELS for k in ("loop", "stopped", "seq_rep_4")}
     # the judge's mechanics (a 135M judge says nothing about quality): both comparisons, every example judged
     for ref in ("base", "champion"):
         j = m["judge"][f"candidate_vs_{ref}"]
@@ -244,7 +247,7 @@ def _sample_prompts(tmp_path: Path) -> list[list[dict]]:
         from steps import curate
 
         curate.run(load_params(ROOT / "params.yaml"), raw, tmp_path / "curated")
-        recs = evaluate.load_eval_set(tmp_path / "curated" / "eval.jsonl", 12).records
+        recs = evaluation.load_eval_set(tmp_path / "curated" / "eval.jsonl", 12).records
         return [r["messages"][:-1] for r in recs]
     long_q = ("Uma marca de cosméticos quer anunciar no site de um grande varejista durante a Black Friday, "
               "com orçamento limitado e foco em clientes que já compraram a categoria. Que formatos e métricas você sugere?")
@@ -264,8 +267,9 @@ def test_batched_and_per_example_generation_agree(base_model, tmp_path):
     _, tok, model = base_model
     prompts = _sample_prompts(tmp_path)
     assert str(next(model.parameters()).dtype) == "torch.float32"
-    batched = evaluate.generate_detailed(model, tok, prompts, 32, batch_size=len(prompts))
-    single = evaluate.generate_detailed(model, tok, prompts, 32, batch_size=1)
+    greedy = GenerateParams(max_new_tokens=32, repetition_penalty=1.0)
+    batched = generation.generate_detailed(model, tok, prompts, greedy, batch_size=len(prompts))
+    single = generation.generate_detailed(model, tok, prompts, greedy, batch_size=1)
     assert batched.answers == single.answers and batched.new_tokens == single.new_tokens
     assert batched.prompts_sha256 == single.prompts_sha256
     assert any(batched.stopped)  # some answers end at <|im_end|> before the cap

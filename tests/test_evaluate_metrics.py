@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from steps.evaluate import UnicodeWordTokenizer, bootstrap_diff, rouge_scores
+from loraflow.metrics import UnicodeWordTokenizer, bootstrap_diff, rouge_scores
 
 
 def test_accented_words_are_whole_tokens():
@@ -27,3 +27,15 @@ def test_bootstrap_interval_contains_mean_and_detects_clear_gain():
     assert d["ci_low"] <= d["mean"] <= d["ci_high"] and d["ci_low"] > 0.2
     same = bootstrap_diff(a, a, samples=500, confidence=0.95, seed=0)
     assert same == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+
+
+def test_one_word_tokenizer_for_rouge_and_degeneration():
+    import unicodedata
+
+    from loraflow import degeneration, metrics
+
+    text = "A impressão não é ação; a impressão não é ação; a impressão não é ação."
+    decomposed = unicodedata.normalize("NFD", text)
+    assert decomposed != text and metrics.words(decomposed) == metrics.words(text)
+    assert UnicodeWordTokenizer().tokenize(decomposed) == metrics.words(text)
+    assert degeneration.words is metrics.words and degeneration.answer_health(decomposed, True)["loop"]

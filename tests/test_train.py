@@ -86,7 +86,8 @@ def test_last_checkpoint_skips_one_cut_off_mid_save(tmp_path):
 
 
 def test_loss_mask_covers_every_assistant_turn_and_its_end_of_turn_only():
-    from loraflow.checks import assistant_masks, end_of_turn_ids
+    from loraflow.checks import assistant_masks
+    from loraflow.generation import end_of_turn_ids
     from loraflow.models import load_tokenizer, resolve
 
     params = load_params(ROOT / "params.yaml")

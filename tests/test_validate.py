@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from loraflow import checks
+from loraflow import checks, generation
 from loraflow.config import load_params
 from loraflow.errors import ValidationFailed
 from loraflow.io import read_json, read_jsonl
@@ -184,7 +184,7 @@ def test_assistant_spans_map_to_the_content_tokens():
 
     tok = load_tokenizer(resolve(PARAMS.base.model, PARAMS.base.model_cache))
     msgs = [{"role": "user", "content": "Oi?"}, {"role": "assistant", "content": "Olá, tudo bem."}]
-    [facts] = checks.template_facts(tok, [msgs], checks.end_of_turn_ids(tok))
+    [facts] = checks.template_facts(tok, [msgs], generation.end_of_turn_ids(tok))
     assert facts["renders"] and facts["spans_located"] and facts["ends_with_eot"] and facts["n_tokens"] > 5
 
 

@@ -62,6 +62,8 @@ class Engine:
         self.device = device()
         self.tok = load_tokenizer(self.model_path, params.base.trust_remote_code)
         self.base = load_causal_lm(self.model_path, trust_remote_code=params.base.trust_remote_code).eval()
+        # Every path (batched, streamed, merged) stops where evaluate stopped: the one end-of-turn rule.
+        self.stop_ids = generation.end_of_turn_ids(self.tok, self.base)
         self.peft = None  # the PeftModel wrapping self.base, from the first adapter load on
         self.gen_lock = threading.Lock()  # the shared model: one batch at a time, no adapter (un)loads during one
         self.tok_lock = threading.Lock()  # fast tokenizers fail ("Already borrowed") when used by two threads
@@ -156,7 +158,7 @@ class Engine:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        pad, eos = self.tok.pad_token_id, self.tok.eos_token_id
+        pad, stops = self.tok.pad_token_id, self.stop_ids
         width = max(len(j.prompt) for j in jobs)
         # Left padding: every row's next token comes at the same position, as generate() expects.
         ids = torch.tensor([[pad] * (width - len(j.prompt)) + j.prompt for j in jobs], device=self.device)
@@ -168,7 +170,7 @@ class Engine:
                                     dtype=torch.bool, device=input_ids.device)
 
         kwargs: dict[str, Any] = {**jobs[0].kwargs, "max_new_tokens": max(j.max_tokens for j in jobs),
-                                  "pad_token_id": pad, "eos_token_id": eos, "streamer": _Rows(jobs, eos),
+                                  "pad_token_id": pad, "eos_token_id": stops, "streamer": _Rows(jobs, stops),
                                   "stopping_criteria": StoppingCriteriaList([_RowsDone()])}
         with self.gen_lock:
             started = time.perf_counter()
@@ -185,17 +187,17 @@ class Engine:
     def _run_merged(self, job: Job) -> None:
         import torch
 
-        ad, eos = job.ad, self.tok.eos_token_id
+        ad, stops = job.ad, self.stop_ids
         with ad.merged_lock, torch.inference_mode():
             started = time.perf_counter()
             ad.merged.generate(input_ids=torch.tensor([job.prompt], device=self.device), max_new_tokens=job.max_tokens,
                                attention_mask=torch.ones(1, len(job.prompt), dtype=torch.long, device=self.device),
-                               pad_token_id=self.tok.pad_token_id, eos_token_id=eos, streamer=_Rows([job], eos),
+                               pad_token_id=self.tok.pad_token_id, eos_token_id=stops, streamer=_Rows([job], stops),
                                **job.kwargs)
         job.future.set_result(self._result(job, started, 1))
 
     def _result(self, job: Job, started: float, batch_size: int) -> dict[str, Any]:
-        finished = bool(job.ids) and job.ids[-1] == self.tok.eos_token_id
+        finished = bool(job.ids) and job.ids[-1] in self.stop_ids
         n = len(job.ids) - finished
         return {"text": self.decode(job.ids).strip(), "prompt_tokens": len(job.prompt), "completion_tokens": n,
                 "finish_reason": "stop" if finished or n < job.max_tokens else "length",
@@ -213,8 +215,8 @@ class Engine:
 class _Rows:
     """A transformers streamer for a batch: hands each row's new token to its job (and its client's stream)."""
 
-    def __init__(self, jobs: list[Job], eos: int):
-        self.jobs, self.eos = jobs, eos
+    def __init__(self, jobs: list[Job], stop_ids: list[int]):
+        self.jobs, self.stops = jobs, set(stop_ids)
         self.prompt_seen = False
 
     def put(self, value) -> None:
@@ -225,7 +227,7 @@ class _Rows:
             if job.done:  # finished rows get pad tokens from here on
                 continue
             job.ids.append(tok)
-            job.done = tok == self.eos or len(job.ids) >= job.max_tokens
+            job.done = tok in self.stops or len(job.ids) >= job.max_tokens
             if job.streamer is not None:
                 job.streamer.push(job.ids)
 
