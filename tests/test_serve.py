@@ -358,7 +358,7 @@ def test_loraflow_serve_command_listens_on_loopback_and_answers(env):
     port = free_port()
     sets = [a for o in env["settings"].overrides for a in ("-S", o)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loraflow.cli", "serve", "--port", str(port), "--poll-interval", "0",
+        [sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--poll-interval", "0",
          "--params", str(env["root"] / "params.yaml"), "--root", str(env["root"]), *sets],
         cwd=env["root"], env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
