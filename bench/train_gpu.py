@@ -18,11 +18,11 @@ Data: synthetic chat conversations of 100-1000 tokens (1-3 user/assistant exchan
 the time) made of random words, with a word-level tokenizer and a ChatML template built here, so every word
 is one token. Both sides get the same conversations, in the same order (same seed).
 
-"ours" is `steps.train._train_stage` itself, the function loraflow's train step runs for SFT: params.yaml's
+"ours" is `loraflow.trainer.train_stage` itself, the function loraflow's train step runs for SFT: params.yaml's
 train section (padding-free batches, loss on every assistant turn, paged 8-bit AdamW under 4-bit, bf16,
 gradient checkpointing off, ...) with max_steps / max_length / save_steps overridden for the bench.
-MLflow is replaced by a stub in this process (the bench measures training, not the tracking server), and the
-metrics callback by the bench's step timer. "bare" is trl's SFTTrainer as its docs show it: the conversations
+It runs with no tracking (`tracking=None`: the bench measures training, not the tracking server) and the
+bench's step timer as its callback. "bare" is trl's SFTTrainer as its docs show it: the conversations
 as prompt/completion pairs, trl's own tokenization, padded batches, default optimizer; batch size, learning
 rate, schedule, max length, seed, LoRA and gradient checkpointing are the same as ours.
 
@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.machinery
 import importlib.util
 import json
 import os
@@ -53,7 +52,6 @@ import shutil
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,8 +171,6 @@ def step_timer(cuda: bool):
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        calls = 0  # steps.train reads `.calls` off the MLflow callback this one stands in for
-
         def __init__(self) -> None:
             self.marks: list[tuple[float, int, int]] = []
 
@@ -228,61 +224,23 @@ def kbit_prep(model, params):
 # ---------------------------------------------------------------------------------------------- the two sides
 
 
-class _StubRun:
-    def __init__(self) -> None:
-        self.info = types.SimpleNamespace(run_id="bench")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _mlflow_stub() -> types.ModuleType:
-    m = types.ModuleType("mlflow")
-    m.__spec__ = importlib.machinery.ModuleSpec("mlflow", None)
-    m.start_run = lambda *a, **k: _StubRun()
-    for name in ("log_params", "set_tags", "log_artifact", "log_metrics", "log_artifacts"):
-        setattr(m, name, lambda *a, **k: None)
-    return m
-
-
 def ours(params, work: Path, records: list[dict], use_4bit: bool, why: str, cuda: bool, kbit: bool,
          timer) -> dict:
-    """loraflow's SFT stage, `steps.train._train_stage`, as the train step runs it, minus MLflow."""
-    import loraflow.models as lf_models
+    """loraflow's SFT stage, `loraflow.trainer.train_stage`, as the train step runs it, with no tracking."""
     from loraflow import training
     from loraflow.models import load_tokenizer
-    from steps import train as train_step
-
-    load_seconds = {}
-    original = lf_models.load_causal_lm
-
-    def load(path, **kw):
-        t = time.perf_counter()
-        model = original(path, **kw)  # _train_stage itself then runs prepare_model_for_kbit_training on 4-bit
-        load_seconds["s"] = time.perf_counter() - t
-        return model
+    from loraflow.train_plan import Hardware
+    from loraflow.trainer import StageSetup, train_stage
 
     tok = load_tokenizer(str(work / "tokenizer"))
-    ctx = train_step._Context(params, "bench", tok, str(work / "model"), use_4bit, why, cuda, cuda, "0",
-                              {"data_sha256": {"sft": "bench"}})
+    hardware = Hardware(cuda=cuda, use_4bit=use_4bit, quantization_reason=why, bf16=cuda,
+                        precision_reason="bench: bf16 on CUDA, as the bare side; float32 on CPU")
+    setup = StageSetup(params, "bench", tok, str(work / "model"), hardware)
     key = training.run_key(params, "sft", "bench")
-    saved = sys.modules.get("mlflow"), training.mlflow_callback
-    sys.modules["mlflow"] = _mlflow_stub()
-    training.mlflow_callback = lambda run_id, flush_every: timer
-    lf_models.load_causal_lm = load
-    try:
-        res = train_step._train_stage(ctx, "sft", key, records, None)
-    finally:
-        lf_models.load_causal_lm = original
-        training.mlflow_callback = saved[1]
-        if saved[0] is None:
-            sys.modules.pop("mlflow", None)
-        else:
-            sys.modules["mlflow"] = saved[0]
-    return {"load_s": load_seconds.get("s"), "trainable": res["trainable"], "batching": res["batching"],
+    # train_stage runs prepare_model_for_kbit_training on a 4-bit model; its load_seconds include it, as the
+    # bare side's load_s includes kbit_prep
+    res = train_stage(setup, "sft", key, records, None, tracking=None, callbacks=[timer])
+    return {"load_s": res["load_seconds"], "trainable": res["trainable"], "batching": res["batching"],
             "final_loss": res["final_loss"]}
 
 
@@ -382,7 +340,7 @@ def main() -> None:
 
     from loraflow.config import load_params
     from loraflow.models import device
-    from steps.train import choose_quantization
+    from loraflow.train_plan import choose_quantization
 
     hf_logging.disable_progress_bar()
     cuda = device() == "cuda"

@@ -34,6 +34,10 @@ from loraflow import tracking
 from loraflow.config import Params, Paths
 from loraflow.io import atomic_dir, read_json, sha256_file, sha256_tree
 
+# The train step that ran in this checkout: steps/ and loraflow/ are one package set, installed or put on the
+# path together, so it is the steps/train.py beside this package (named without importing steps).
+TRAIN_STEP = Path(__file__).resolve().parents[1] / "steps" / "train.py"
+
 
 class HandoffError(RuntimeError):
     """A folder could not be pushed or pulled, or what arrived is not what was sent."""
@@ -136,14 +140,12 @@ def pull_inputs(p: Paths, sent: dict[str, str]) -> None:
 def push_adapter(params: Params, p: Paths, info: dict[str, Any], sent: dict[str, str]) -> dict[str, Any]:
     """Worker: push the trained adapter, tag its MLflow run with the DVC md5s; returns the record for the
     controller (what was trained where, and the names to fetch and check it by)."""
-    import steps.train
-
     hashes = {"adapter_md5": push(p.root, p.adapter), "curated_md5": sent["curated_md5"],
               "validation_md5": sent["validation_md5"]}
     client = _client(params)
     for k, v in hashes.items():
         client.set_tag(info["mlflow_run_id"], f"dvc.{k}", v)
-    return {"checkout": str(p.root), "code": str(Path(steps.train.__file__).resolve()), "host": socket.gethostname(),
+    return {"checkout": str(p.root), "code": str(TRAIN_STEP), "host": socket.gethostname(),
             "adapter_sha256": info["adapter_sha256"], "mlflow_run_id": info["mlflow_run_id"], **hashes}
 
 

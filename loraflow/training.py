@@ -1,10 +1,12 @@
-"""What the train step needs around trl: loss masks, resumable checkpoints, batched MLflow logging, a loss chart.
+"""What training needs around trl: run keys, resumable checkpoints, the base-weights fingerprint, MLflow
+tracking (each stage its own run, metrics in batches), progress, a loss chart.
 
-Kept apart from steps/train.py so each piece is testable without a training run.
+Each piece is testable without a training run; loraflow/trainer.py runs a stage with them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -12,9 +14,11 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from loraflow import tracking
 from loraflow.config import Params
 
 log = logging.getLogger(__name__)
@@ -136,6 +140,65 @@ def mlflow_callback(run_id: str, flush_every: int):
                 self.calls += 1
 
     return MlflowBatchLogger()
+
+
+class MlflowTraining:
+    """The train step's tracking: each stage its own MLflow run in the mode's experiment (params, tags, metrics
+    in batches, the loss chart); the last stage's run then gets the adapter and the run's totals (`finish`).
+
+    Args:
+        tags: run-wide: {"data_sha256": {stage: sha256}} and DVC's hashes ("dvc.*").
+    """
+
+    def __init__(self, params: Params, mode: str, experiment_id: str, tags: dict[str, Any]) -> None:
+        self.params, self.mode, self.experiment_id, self.tags = params, mode, experiment_id, tags
+
+    @contextlib.contextmanager
+    def stage_run(self, stage: str, tags: dict[str, str]) -> Iterator[_StageRun]:
+        import mlflow
+
+        params = self.params
+        run_name = f"train-{stage}-{self.mode}-{params.digest('base', 'train')}"
+        with mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name,
+                              log_system_metrics=params.train.system_metrics) as mrun:
+            mlflow.log_params({**tracking.flat_params(params, "base", "train"), "stage": stage})
+            mlflow.set_tags({"loraflow.mode": self.mode, "loraflow.step": "train", "loraflow.stage": stage,
+                             "git_commit": tracking.git_commit() or "", "data_sha256": self.tags["data_sha256"][stage],
+                             **tags, **{k: v for k, v in self.tags.items() if k.startswith("dvc.")}})
+            yield _StageRun(mrun.info.run_id, mlflow_callback(mrun.info.run_id, params.train.metrics_flush_every))
+
+    def finish(self, run_id: str, adapter_dir: Path, info: dict[str, Any]) -> None:
+        """The adapter, train_info and the final numbers go on the last stage's run (the one promote registers)."""
+        import mlflow
+
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics({"tokens_per_second": float(info["tokens_per_second"] or 0),
+                                "wall_seconds": info["wall_seconds"], "peak_memory_mb": info["peak_memory_mb"],
+                                "tokens_seen": info["tokens_seen"]}, step=info["steps"])
+            mlflow.log_artifacts(str(adapter_dir), artifact_path="adapter")
+            mlflow.set_tags({"adapter_sha256": info["adapter_sha256"], "train_data_sha256": info["train_data_sha256"],
+                             "chat_template_sha256": info["chat_template_sha256"]})
+
+
+class _StageRun:
+    """One stage's MLflow run while it trains: its id, its metrics callback, artifacts and final metrics."""
+
+    def __init__(self, run_id: str, callback) -> None:
+        self.run_id, self.callback, self.callbacks = run_id, callback, [callback]
+
+    @property
+    def batches(self) -> int:
+        return self.callback.calls
+
+    def log_artifact(self, path: Path) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import mlflow
+
+        mlflow.log_metrics(metrics, step=step)
 
 
 def _clock(seconds: float) -> str:

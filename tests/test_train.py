@@ -21,7 +21,13 @@ import yaml
 from loraflow import training
 from loraflow.config import apply_overrides, load_params
 from loraflow.io import read_json, sha256_file, write_json
-from steps.train import choose_precision, choose_quantization, cpu_has_bf16
+from loraflow.train_plan import (
+    choose_precision,
+    choose_quantization,
+    choose_stages,
+    cpu_has_bf16,
+    micro_batches,
+)
 from tests.conftest import FORMATS, MODE, ROOT, mlflow_client
 
 BIN = Path(sys.executable).parent
@@ -55,8 +61,6 @@ def test_precision_choice_uses_bf16_only_where_the_hardware_has_it():
 
 
 def test_packed_blocks_go_one_per_forward_without_a_varlen_kernel():
-    from steps.train import micro_batches
-
     assert micro_batches(8, 2, False, "sdpa") == (8, 2, "one flattened sequence per batch")
     per, acc, why = micro_batches(8, 2, True, "sdpa")
     assert (per, acc) == (1, 16) and "one per forward pass" in why  # the same 16 blocks per optimizer step
@@ -105,6 +109,28 @@ def test_loss_mask_covers_every_assistant_turn_and_its_end_of_turn_only():
                        "ROAS é a receita por real investido.<|im_end|>")
     masked = tok.decode([i for i, m in zip(ids, mask, strict=True) if not m])
     assert "O que é ACOS?" in masked and "E ROAS?" in masked and "Você é um consultor." in masked
+
+
+def test_the_base_guard_raises_when_a_base_weight_moves_and_not_for_lora_weights():
+    """The guard the train step runs after every stage (a LoRA weight may move, a base weight may not)."""
+    import torch
+
+    from loraflow.trainer import check_base_unchanged
+
+    class Layer(torch.nn.Module):  # the names peft gives: base_layer.weight beside lora_A / lora_B
+        def __init__(self) -> None:
+            super().__init__()
+            self.base_layer, self.lora_A = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2, bias=False)
+
+    model = torch.nn.Sequential(Layer())
+    before = training.base_fingerprint(model)
+    with torch.no_grad():
+        model[0].lora_A.weight.add_(1.0)
+    assert check_base_unchanged(model, before, "sft") is True
+    with torch.no_grad():
+        model[0].base_layer.weight[1, 2] += 1e-3  # one element, a little: the fingerprint still sees it
+    with pytest.raises(RuntimeError, match="train sft: the base model's weights changed"):
+        check_base_unchanged(model, before, "sft")
 
 
 # --- slow: real training ------------------------------------------------------------------------------------
@@ -159,7 +185,6 @@ def test_lora_weights_move_base_stays_and_one_seed_gives_one_adapter(project):
     assert w and all("lora_A" in k or "lora_B" in k for k in w)
     assert all(float(t.abs().sum()) > 0 for k, t in w.items() if "lora_B" in k)
     assert sum(t.numel() for t in w.values()) == info["trainable_parameters"] < info["total_parameters"] / 10
-    assert info["stages"][0]["base_weights_unchanged"] is True
     assert info["steps"] == 3 and info["tokens_seen"] > 0 and info["loss_mask"].startswith("assistant turns")
     assert info["quantization"] == "none" and "no CUDA" in info["quantization_reason"]
     assert info["precision"] == ("bf16" if cpu_has_bf16() else "fp32")  # params.yaml's auto, on this CPU
@@ -180,6 +205,33 @@ def test_lora_weights_move_base_stays_and_one_seed_gives_one_adapter(project):
     assert again["adapter_sha256"] == info["adapter_sha256"] and again["mlflow_run_id"] != info["mlflow_run_id"]
     other = _train(project, "base.seed=7")
     assert other["adapter_sha256"] != info["adapter_sha256"]
+
+
+@pytest.mark.slow
+def test_a_stage_whose_base_weights_move_during_training_fails(tmp_path):
+    """The guard is wired into the real stage: a callback nudging one base weight mid-training stops it."""
+    from transformers import TrainerCallback
+
+    from loraflow.models import load_tokenizer, resolve
+    from loraflow.train_plan import choose_hardware
+    from loraflow.trainer import StageSetup, train_stage
+
+    class NudgeBase(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            import torch
+
+            base = next(t for n, t in model.named_parameters() if "lora_" not in n and t.dim() == 2)
+            with torch.no_grad():
+                base[0, 0] += 1e-2
+
+    params = load_params(ROOT / "params.yaml", [*FAST, "train.max_steps=1", "train.save_steps=0",
+                                                f"train.checkpoint_dir={tmp_path / 'ckpt'}"])
+    path = resolve(params.base.model, params.base.model_cache)
+    setup = StageSetup(params, MODE, load_tokenizer(path), path, choose_hardware(params.train))
+    records = [{"messages": [{"role": "user", "content": "O que é ACOS?"},
+                             {"role": "assistant", "content": "Custo de publicidade sobre as vendas."}]}] * 2
+    with pytest.raises(RuntimeError, match="train sft: the base model's weights changed during LoRA training"):
+        train_stage(setup, "sft", "guard", records, None, tracking=None, callbacks=[NudgeBase()])
 
 
 @pytest.mark.slow
@@ -263,7 +315,6 @@ def test_qlora_trains_on_4bit_weights_on_cpu_and_the_adapter_serves_the_unquanti
     # every LoRA layer wrapped a bitsandbytes 4-bit layer (210 = 30 layers x 7 linear projections)
     assert stage["lora_base_layers"] == {"Linear4bit": 210}
     assert info["steps"] == 3 and info["final_loss"] is not None and math.isfinite(info["final_loss"])
-    assert stage["base_weights_unchanged"] is True
 
     w = _tensors(adapter / "adapter_model.safetensors")
     assert w and all("lora_A" in k or "lora_B" in k for k in w)
@@ -290,7 +341,7 @@ def test_qlora_on_cuda_trains_in_4bit(project):
     _prepared(project, FAST)
     info = _train(project, "train.quantization=4bit")  # fails, not falls back, without bitsandbytes
     assert info["quantization"] == "4bit-nf4" and not info["hardware"].startswith("cpu")
-    assert info["peak_memory_mb"] > 0 and info["stages"][0]["base_weights_unchanged"] is True
+    assert info["peak_memory_mb"] > 0
 
 
 def test_dpo_without_pairs_is_refused_with_the_file_named(project, tmp_path):
@@ -318,7 +369,7 @@ def test_padding_free_batch_gives_the_padded_batchs_loss():
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from loraflow.models import load_causal_lm, load_tokenizer, resolve
-    from steps.train import sft_dataset
+    from loraflow.trainer import sft_dataset
 
     params = load_params(ROOT / "params.yaml")
     path = resolve(params.base.model, params.base.model_cache)
@@ -341,8 +392,6 @@ def test_padding_free_batch_gives_the_padded_batchs_loss():
 
 
 def test_auto_method_adds_dpo_only_with_enough_pairs():
-    from steps.train import choose_stages
-
     assert choose_stages("auto", 0, 16)[0] == ["sft"]
     assert choose_stages("auto", 15, 16) == (["sft"], "auto: 15 preference pairs < train.dpo_min_pairs 16 -> SFT only")
     assert choose_stages("auto", 16, 16)[0] == ["sft", "dpo"]
