@@ -4,7 +4,8 @@ deployments from prefect.yaml, one worker per pool, `prefect deployment run` on 
 One test, in stages, because the server, workers and first run are the expensive part:
 1. the on-demand run completes with every output; training ran as the `gpu` deployment's run, on its pool;
    the eval table and the decision are Prefect artifacts; flows.summary renders them;
-2. a second run with nothing changed recomputes nothing (every step's task run is Cached);
+2. a second run with nothing changed recomputes nothing (every step's task run is Cached); after an edit to
+   loraflow/checks.py (the loss mask) the next run recomputes validate and train, and curate stays Cached;
 3. the raw-data check starts nothing while the data is unchanged, and starts a run once a file lands
    (that file breaks validation, so the run fails fast and the recorded hash stays the old one).
 Everything it starts is stopped in a finally (SIGINT to each process group: workers ignore SIGTERM).
@@ -131,7 +132,8 @@ def test_deployments_on_a_real_server_with_workers(project, tracking, tmp_path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           # the project copy's code (flows, steps, loraflow), which step 2b edits
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")])),
            "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
            "PREFECT_WORKER_QUERY_SECONDS": "2"}
@@ -190,6 +192,17 @@ def test_deployments_on_a_real_server_with_workers(project, tracking, tmp_path):
         trained2 = [c for c in _children(client, second) if c.deployment_id]
         assert _task_states(client, trained2[0].id)["train"] == "Cached"
         assert (project / "data" / "adapters" / MODE / "adapter_model.safetensors").stat().st_mtime == adapter_mtime
+
+        # 2b. an edit to the loss mask's module re-runs the steps that run it (validate, train), not curate
+        checks = project / "loraflow" / "checks.py"
+        checks.write_text(checks.read_text() + "\n# edited: the cache keys must see it\n")
+        edited = _run_deployment("loraflow/on-demand", {"overrides": overrides}, project, env)
+        fr_edit = _wait_final(client, edited, worker_logs)
+        assert fr_edit.state.is_completed(), fr_edit.state.message
+        states = _task_states(client, edited)
+        assert (states["curate"], states["validate"]) == ("Cached", "Completed"), states
+        trained3 = [c for c in _children(client, edited) if c.deployment_id]
+        assert _task_states(client, trained3[0].id)["train"] == "Completed"
 
         # 3. the raw-data check: nothing while unchanged, a run once new data lands
         def check() -> dict:
