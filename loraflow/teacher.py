@@ -84,8 +84,8 @@ class Teacher:
 
     @classmethod
     def from_params(cls, p: Any, root: Path = Path(".")) -> Teacher:
-        return cls(url=p.url, model=p.model, cache_dir=root / p.cache_dir, questions_per_section=p.questions_per_section,
-                   min_grounding=p.min_grounding, api_key_env=p.api_key_env, timeout_s=p.timeout_s,
+        return cls(url=p.url, model=p.model, cache_dir=root / Path(p.cache_dir).expanduser(),
+                   questions_per_section=p.questions_per_section, min_grounding=p.min_grounding, api_key_env=p.api_key_env, timeout_s=p.timeout_s,
                    max_tokens=p.max_tokens, temperature=p.temperature)
 
 
