@@ -84,8 +84,8 @@ class Teacher:
 
     @classmethod
     def from_params(cls, p: Any, root: Path = Path(".")) -> Teacher:
-        return cls(url=p.url, model=p.model, cache_dir=root / p.cache_dir, questions_per_section=p.questions_per_section,
-                   min_grounding=p.min_grounding, api_key_env=p.api_key_env, timeout_s=p.timeout_s,
+        return cls(url=p.url, model=p.model, cache_dir=root / Path(p.cache_dir).expanduser(),
+                   questions_per_section=p.questions_per_section, min_grounding=p.min_grounding, api_key_env=p.api_key_env, timeout_s=p.timeout_s,
                    max_tokens=p.max_tokens, temperature=p.temperature)
 
 
@@ -162,8 +162,16 @@ def _ask(teacher: Teacher, sec: Section) -> str:
     return content
 
 
+# What small models write instead of the JSON asked for: "Question: ...\nAnswer: ...", the answer running on to a
+# blank line or the next question.
+_Q = r"[ \t]*(?:\d+[.)][ \t]*)?(?:Q|Question|Pergunta)[ \t]*\d*[ \t]*:"
+_QA_TEXT = re.compile(rf"^{_Q}[ \t]*(?P<q>[^\n]+)\n+[ \t]*(?:A|Answer|Resposta)[ \t]*\d*[ \t]*:[ \t]*"
+                      rf"(?P<a>[^\n]+(?:\n(?![ \t]*\n)(?!{_Q})[^\n]+)*)", re.IGNORECASE | re.MULTILINE)
+
+
 def parse_pairs(completion: str) -> list[tuple[str, str]]:
-    """(question, answer) pairs from a completion: the JSON array asked for, or the JSON objects in it."""
+    """(question, answer) pairs from a completion: the JSON array asked for, or the JSON objects in it, or
+    else "Question: / Answer:" lines."""
     text = completion.strip()
     candidates: list[Any] = []
     start, end = text.find("["), text.rfind("]")
@@ -185,6 +193,8 @@ def parse_pairs(completion: str) -> list[tuple[str, str]]:
             q, a = c["question"].strip(), c["answer"].strip()
             if q and a:
                 out.append((q, a))
+    if not out:
+        out = [(m["q"].strip(), " ".join(m["a"].split())) for m in _QA_TEXT.finditer(text)]
     return out
 
 

@@ -53,7 +53,8 @@ def run(params: Params, raw_dir: Path, out_dir: Path, feedback_dir: Path | None 
     sources = [Sources(raw_dir, files)]
     if fb_files:
         sources.append(Sources(fb_dir, fb_files, label=f"feedback/{fb_dir.name}", force="feedback"))
-    out = curate(params, sources)
+    # The working directory is the project root (dvc repro, the flow): curate.teacher's cache lies under it.
+    out = curate(params, sources, root=Path.cwd())
 
     with atomic_dir(out_dir) as tmp:
         for name, lines in (("train.jsonl", out.train), ("eval.jsonl", out.eval)):

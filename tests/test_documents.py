@@ -269,6 +269,29 @@ def test_curating_documents_accounts_for_every_record_and_quarantines_by_file_an
     assert stats["token_lengths"]["max"] <= params.base.max_seq_len
     piece = next(r for s, r in by_source.items() if s.startswith("m/handbook-872p.docx#") and "~2" in s)
     assert piece["messages"][-2]["content"] == piece["messages"][-2]["content"].strip() != ""
+    # stats.json per document: what its reader saw, quarantined ones with their reason
+    scan = stats["sources"]["m/c02-22.pdf"]["document"]
+    assert scan == {"pages": 1, "pages_without_text": [1], "quarantined": "no_text_layer", "reason": scan["reason"]}
+    assert scan["reason"].startswith("m/c02-22.pdf: no text layer")
+    outlined = stats["sources"]["m/pdflatex-outline.pdf"]["document"]
+    assert outlined["pages"] == 4 and outlined["structure"] == "outline" and "quarantined" not in outlined
+    assert stats["sources"]["m/handbook-872p.docx"]["document"]["sections_cut"] > 0
+    assert all("document" in s for s in stats["sources"].values())
+
+
+@needs_documents
+def test_document_facts_come_from_worker_processes_too_and_quarantine_says_why(tmp_path):
+    raw = tmp_path / "raw" / "m"
+    raw.mkdir(parents=True)
+    for name in ("pdflatex-outline.pdf", "libreoffice-writer-password.pdf", "fixture_research_article.docx"):
+        shutil.copy(DOCS / name, raw)
+    one = curate.run(load_params(ROOT / "params.yaml", ["curate.workers=1"]), raw, tmp_path / "one")
+    two = curate.run(load_params(ROOT / "params.yaml", ["curate.workers=2"]), raw, tmp_path / "two")
+    assert one["sources"] == two["sources"]
+    locked = two["sources"]["m/libreoffice-writer-password.pdf"]
+    assert locked["document"]["quarantined"] == "encrypted" and "give its password" in locked["document"]["reason"]
+    assert locked["read"] == locked["quarantined"] == 1
+    assert two["sources"]["m/fixture_research_article.docx"]["document"]["tables"] == 11
 
 
 @needs_documents
@@ -295,3 +318,38 @@ def test_readers_report_what_each_document_held_for_its_stats():
     recs = list(read_units(DOCS / "fixture_research_article.docx", limited, info=info))
     assert info["tables"] == 11 and info["footnotes"] >= 1 and info["sections"] == 23
     assert info["sections_cut"] > 0 and len(recs) == info["sections"] - info["sections_cut"] + info["pieces"]
+
+
+def test_model_card_data_section_lists_documents_pages_and_generated_pairs():
+    from loraflow import modelcard
+
+    s = {"mean": 0.3, "ci_low": 0.2, "ci_high": 0.4}
+    metrics = {m: {k: s for k in modelcard.METRIC_NAMES} for m in ("base", "candidate")} | {
+        "champion": None, "deltas": {"candidate_vs_base": {k: s for k in modelcard.METRIC_NAMES}},
+        "eval_set": {"sha256": "0" * 64, "size": 3}, "generation": {"max_new_tokens": 24},
+        "scoring": {"confidence": 0.95, "rouge_tokenizer": "words", "bertscore_model": "x"}}
+    row = {"read": 12, "curated": 11, "duplicates": 0, "quarantined": 1, "reasons": {"no_text_layer": 1}}
+    stats = {"sources": {
+        "m/regimento.pdf": row | {"document": {"pages": 80, "pages_without_text": [3], "structure": "layout",
+                                                "sections": 11, "sections_cut": 1, "pieces": 2}},
+        "m/scan.pdf": {"read": 1, "curated": 0, "duplicates": 0, "quarantined": 1, "reasons": {"no_text_layer": 1},
+                       "document": {"pages": 1, "pages_without_text": [1], "quarantined": "no_text_layer",
+                                    "reason": "m/scan.pdf: no text layer"}},
+        "m/faq.jsonl": {"read": 5, "curated": 5, "duplicates": 0, "quarantined": 0, "reasons": {}}},
+        "totals": {"read": 18, "curated": 16, "duplicates": 0, "quarantined": 2},
+        "splits": {"train": 15, "eval": 1}, "token_lengths": {"p50": 40, "p95": 80, "max": 90},
+        "files": {"train.jsonl": "1" * 64, "eval.jsonl": "2" * 64},
+        "teacher": {"endpoint": "http://127.0.0.1:8000/v1", "model": "base", "sections": 11, "pairs": 4,
+                    "ungrounded": 2, "error": None, "records": {"made": 4, "curated": 4}}}
+    params = load_params(ROOT / "params.yaml")
+    card = modelcard.render(params, "m", stats, {}, metrics, {"decision": "promote", "reason": "better"})
+    assert "Documents: 2, 81 PDF page(s) (2 without a text layer, not read: no OCR)" in card
+    assert "| `m/regimento.pdf` | 79 of 80 | 11 | 2 | 11 records curated |" in card
+    assert "| `m/scan.pdf` | 0 of 1 | — | — | quarantined: no_text_layer |" in card
+    assert "`m/faq.jsonl` |" in card and "| `m/faq.jsonl` | —" not in card  # a record file is no document
+    assert "from 11 section(s): 4 grounded question/answer pair(s) kept (2 ungrounded dropped), 4 curated" in card
+    del stats["teacher"]
+    for src in ("m/regimento.pdf", "m/scan.pdf"):
+        del stats["sources"][src]["document"]
+    plain = modelcard.render(params, "m", stats, {}, metrics, {"decision": "promote", "reason": "better"})
+    assert "Documents:" not in plain and "teacher" not in plain

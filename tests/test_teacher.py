@@ -100,6 +100,9 @@ def test_parse_and_grounding_rules():
     assert parse_pairs('[{"question": "Q?", "answer": "A."}]') == [("Q?", "A.")]
     assert parse_pairs('Sure! {"question": "Q?", "answer": "A."} and {"question": "", "answer": "x"}') == [("Q?", "A.")]
     assert parse_pairs("no JSON here") == []
+    small_model = "Question: What is it?\n\nAnswer: The General Secretariat\nand more.\n\nJSON: [\n {\"type\": "
+    assert parse_pairs(small_model) == [("What is it?", "The General Secretariat and more.")]
+    assert parse_pairs("1. Q: Um?\nA: Dois.\n2. Q: Três?\nA: Quatro.") == [("Um?", "Dois."), ("Três?", "Quatro.")]
     assert grounding("Secretaria Geral e Particular", "a) Secretaria Geral; b) Secretaria Particular.") == 1.0
     assert grounding("Fundada em 1955 pelo governador", "a) Secretaria Geral") == 0.0
     assert grounding("Sim.", "qualquer texto") == 0.0  # no content word: nothing shows it is grounded
@@ -127,6 +130,9 @@ def test_against_loraflow_serve_on_the_embedded_model(tmp_path):
     params = load_params(ROOT / "params.yaml", overrides)
     app = create_app(params, ServeSettings(root=tmp_path, overrides=overrides, poll_interval=0, max_tokens_limit=128))
     port = _closed_port()
+    url, cache = f"http://127.0.0.1:{port}/v1", tmp_path / "curate-cache"
+    real = {"model": "base", "max_tokens": 96, "temperature": 0.0, "timeout_s": 300, "questions_per_section": 2,
+            "min_grounding": 0.2}
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -142,6 +148,102 @@ def test_against_loraflow_serve_on_the_embedded_model(tmp_path):
         assert all(p.grounding >= teacher.min_grounding for p in pairs)
         _, again = generate(SECTIONS[:1], teacher)
         assert again.asked == 0 and again.cached == 1
+
+        # Curation end to end on one small document, the teacher on: its pairs are asked for, cached, and
+        # whichever pass the grounding check are records marked as generated with their section as evidence.
+        # The 135M model answers in paraphrase ("Question: ... Answer: ..."), so the bar is lowered to let
+        # some through; the mechanics are what is tested here, not the model.
+        stats_up, lines = _curate_with_teacher(tmp_path, url, "out", cache, HANDBOOK, **real)
+        t = stats_up["teacher"]
+        assert t["error"] is None and t["asked"] == t["sections"] == 2
+        assert t["pairs"] + t["ungrounded"] + t["unparsable"] >= 2  # every completion accounted for
+        generated = [r for r in lines if "generated" in r["meta"]]
+        assert stats_up["sources"]["m/document.md"]["curated"] == 2
+        assert t["pairs"] >= 1 and t["records"]["made"] == t["pairs"] and len(generated) == t["records"]["curated"]
+        for r in generated:
+            evidence = r["meta"]["generated"]["evidence"]
+            assert r["source"].startswith(f"{evidence}@teacher") and r["meta"]["format"] == "teacher"
+            assert r["meta"]["generated"]["grounding"] >= 0.2 and r["meta"]["generated"]["evidence_text"] in HANDBOOK
+        again, lines_again = _curate_with_teacher(tmp_path, url, "again", cache, HANDBOOK, **real)
+        assert again["teacher"]["asked"] == 0 and again["teacher"]["cached"] == 2 and lines_again == lines
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+    # The endpoint gone: nothing lost, the section records stay and stats.json names the endpoint and the count.
+    stats, lines = _curate_with_teacher(tmp_path, url, "down", tmp_path / "cold-cache", HANDBOOK, **real)
+    assert sorted(r["source"] for r in lines) == ["m/document.md#3", "m/document.md#7"]
+    written = json.loads((tmp_path / "down" / "stats.json").read_text(encoding="utf-8"))
+    assert written["teacher"]["error"].startswith(f"teacher endpoint {url} (model base) failed")
+    assert "2 of 2 section(s) went unasked" in written["teacher"]["error"]
+
+
+# ------------------------------------------------------------------------------------------- in curation
+
+DOCUMENT = """# Regimento
+
+## Art. 7º
+
+A Chefia do Gabinete compõe-se de: a) Secretaria Geral; b) Secretaria Particular.
+
+## Art. 9º
+
+À Secretaria Particular compete prestar assistência ao Reitor em assuntos pessoais.
+"""
+HANDBOOK = """# Handbook
+
+## Office of the Rector
+
+The Office of the Rector consists of the General Secretariat and the Private Secretariat.
+
+## Library hours
+
+The library is open from Monday to Friday, from eight in the morning until ten at night.
+"""
+
+
+def _curate_with_teacher(tmp_path, url: str, out: str, cache, document: str = DOCUMENT, **extra):
+    from steps import curate
+
+    raw = tmp_path / "raw" / "m"
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / "document.md").write_text(document, encoding="utf-8")
+    opts = ", ".join(f"{k}: {v}" for k, v in {"url": url, "model": "m", "cache_dir": str(cache),
+                                              "questions_per_section": 2, **extra}.items())
+    params = load_params(ROOT / "params.yaml", [f"curate.teacher={{{opts}}}"])
+    stats = curate.run(params, raw, tmp_path / out)
+    lines = [json.loads(line) for name in ("train.jsonl", "eval.jsonl")
+             for line in (tmp_path / out / name).read_text(encoding="utf-8").splitlines()]
+    return stats, lines
+
+
+def test_curation_adds_grounded_pairs_as_generated_records_cached_and_survives_the_endpoint_down(endpoint, tmp_path):
+    cache = tmp_path / "cache"
+    stats, lines = _curate_with_teacher(tmp_path, endpoint, "out", cache)
+    assert len(_Stub.calls) == 2  # one question per section
+    generated = [r for r in lines if "generated" in r["meta"]]
+    assert [r["source"] for r in generated] == ["m/document.md#3@teacher1"]
+    g = generated[0]
+    assert g["meta"]["format"] == "teacher" and g["meta"]["generated"]["evidence"] == "m/document.md#3"
+    assert g["meta"]["generated"]["evidence_text"].startswith("A Chefia do Gabinete")
+    assert g["messages"] == [{"role": "user", "content": "Do que se compõe a Chefia do Gabinete?"},
+                             {"role": "assistant", "content": "Da Secretaria Geral e da Secretaria Particular."}]
+    src = stats["sources"]["m/document.md"]
+    assert src["read"] == src["curated"] == 2  # the records read, accounted for as always
+    assert src["generated"] == {"made": 1, "curated": 1, "duplicates": 0, "quarantined": 0}
+    assert stats["teacher"] | {"endpoint": None} == {
+        "endpoint": None, "model": "m", "sections": 2, "asked": 2, "cached": 0, "unasked": 0, "pairs": 1,
+        "ungrounded": 3, "unparsable": 0, "error": None,
+        "records": {"made": 1, "curated": 1, "duplicates": 0, "quarantined": 0}}
+    assert stats["splits"]["train"] + stats["splits"]["eval"] == 3
+
+    again, lines_again = _curate_with_teacher(tmp_path, endpoint, "again", cache)  # a re-run asks nothing
+    assert len(_Stub.calls) == 2 and again["teacher"]["cached"] == 2 and lines_again == lines
+
+    down = f"http://127.0.0.1:{_closed_port()}/v1"
+    stats, lines = _curate_with_teacher(tmp_path, down, "down", tmp_path / "empty-cache", timeout_s=5)
+    assert sorted(r["source"] for r in lines) == ["m/document.md#3", "m/document.md#7"]  # the sections stay
+    assert stats["sources"]["m/document.md"]["curated"] == 2 and "generated" not in stats["sources"]["m/document.md"]
+    written = json.loads((tmp_path / "down" / "stats.json").read_text(encoding="utf-8"))
+    assert written["teacher"]["error"].startswith(f"teacher endpoint {down} (model m) failed")
+    assert "2 of 2 section(s) went unasked" in written["teacher"]["error"]

@@ -1,5 +1,5 @@
-"""Curation from files read to output lines: read (in parallel where it pays), apply the length policy,
-merge duplicates, account for every record, split train/eval by id."""
+"""Curation from files read to output lines: read (in parallel where it pays), add a teacher's pairs (if
+asked), apply the length policy, merge duplicates, account for every record, split train/eval by id."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from loraflow.curation.output import pref_record, sft_line
 from loraflow.curation.parallel import read_sources
 from loraflow.curation.records import Raw, SourceStats
 from loraflow.curation.stats import summary, tally
+from loraflow.curation.teacher_pairs import add_teacher_pairs, generated_totals
 from loraflow.errors import CurationError
 
 
@@ -42,8 +43,11 @@ class Curated:
 
 
 @gc_paused()
-def curate(params: Params, sources: list[Sources]) -> Curated:
-    """Every record of every file curated, merged as a duplicate or quarantined with a reason.
+def curate(params: Params, sources: list[Sources], root: Path = Path(".")) -> Curated:
+    """Every record of every file curated, merged as a duplicate or quarantined with a reason; with
+    curate.teacher, the pairs a teacher model writes from the document sections read curated alongside.
+
+    root: the project root, where a relative curate.teacher.cache_dir lies (outside every DVC output).
 
     Raises CurationError when no record could be curated, naming the first reasons.
     """
@@ -52,6 +56,9 @@ def curate(params: Params, sources: list[Sources]) -> Curated:
     raws: list[Raw] = []
     for s in sources:
         raws += read_sources(params, s.root, s.files, stats, lengths, label=s.label, force=s.force)
+    teacher = None
+    if params.curate.teacher is not None:
+        teacher = add_teacher_pairs(params, raws, stats, lengths, root)
     apply_length_policy(params, raws, lengths)
     kept, prefs = dedup(params, raws)
     quarantine = tally(raws, stats)
@@ -76,6 +83,8 @@ def curate(params: Params, sources: list[Sources]) -> Curated:
 
     out = Curated(train, evals, [pref_record(it, dups) for it in prefs], quarantine,
                   summary(params, stats, {"train": len(train), "eval": len(evals), "prefs": len(prefs)}, token_lengths))
+    if teacher is not None:
+        out.stats["teacher"] = {**teacher, "records": generated_totals(stats)}
     for raw in raws:  # no Raw <-> Item cycles left: reference counting frees the run's objects on return
         raw.items = []
     return out

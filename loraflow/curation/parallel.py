@@ -18,7 +18,7 @@ from loraflow.curation.lengths import Lengths
 from loraflow.curation.memory import gc_paused
 from loraflow.curation.reader import identify_and_size, read_all, read_here, source_name
 from loraflow.curation.records import Item, Raw, SourceStats, is_feedback
-from loraflow.formats import Share
+from loraflow.formats import Section, Share
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,16 @@ def read_part(params: Params, raw_dir: Path, files: list[Path], label: str | Non
     identify_and_size([it for raw in raws for it in raw.items],
                       Lengths(chat, params.base.max_seq_len) if chat else None, final=False)
     limit = params.base.max_seq_len
+    teacher = params.curate.teacher is not None  # the parent asks it about each section read: send them all
     rows = []
     for raw in raws:
-        keep = raw.reject is not None or is_feedback(raw.record) or any(
+        keep = raw.reject is not None or is_feedback(raw.record) or (teacher and isinstance(raw.record, Section)) or any(
             not it.sized or (it.n_tokens or 0) > limit for it in raw.items)
         rows.append((raw.key, raw.source, raw.format, raw.reject, raw.record if keep else None,
                      [(it.messages_json, it.pref, it.id, it.n_tokens, it.sized) for it in raw.items]))
     with open(out, "wb") as f:
-        pickle.dump(({rel: (st.fixes, st.pii) for rel, st in stats.items()}, rows), f, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(({rel: (st.fixes, st.pii, st.document) for rel, st in stats.items()}, rows), f,
+                    protocol=pickle.HIGHEST_PROTOCOL)
     return out
 
 
@@ -159,9 +161,11 @@ def read_sources(params: Params, raw_dir: Path, files: list[Path], stats: dict[s
                     continue
                 with open(path, "rb") as f:
                     part_stats, rows = pickle.load(f)
-                for rel, (fixes, found) in part_stats.items():  # counts made while cleaning; the rest is tallied later
+                for rel, (fixes, found, document) in part_stats.items():  # made while reading; the rest is tallied later
                     stats[rel].fixes.update(fixes)
                     stats[rel].pii.update(found)
+                    if document:  # a worker that read a file's first share
+                        stats[rel].document = document
                 parts_read.append(_unpack(rows, files, raw_dir, label))
         finally:
             if pool is not None:

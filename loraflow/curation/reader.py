@@ -15,7 +15,18 @@ from loraflow.curation.lengths import Lengths
 from loraflow.curation.normalise import clean
 from loraflow.curation.records import Item, Raw, SourceStats
 from loraflow.curation.structure import check_pref, check_structure
-from loraflow.formats import WHOLE, Messages, Options, Reject, Share, convert, file_markers, read_units
+from loraflow.formats import (
+    DOCUMENTS,
+    EXTENSIONS,
+    WHOLE,
+    Messages,
+    Options,
+    Reject,
+    Share,
+    convert,
+    file_markers,
+    read_units,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +69,10 @@ def read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str, 
                 st.markers = {k: v for k, v in (("prompt_separator", sep), ("completion_stop", stop)) if v}
                 log.info("curate: %s: cutting the prompt separator %r and completion stop sequence %r every "
                          "record ends with", rel, sep, stop)
+        # The document's facts, from the process that reads the file's first share (each reads the file whole).
+        info: dict | None = {} if share[0] == 0 else None
         try:
-            for unit, idx, rec in read_units(path, opts, share):
+            for unit, idx, rec in read_units(path, opts, share, info=info):
                 raw = Raw(rel, f"{rel}#{idx}", rec, key=(file_no, unit))
                 raws.append(raw)
                 try:
@@ -88,7 +101,16 @@ def read_all(params: Params, raw_dir: Path, files: list[Path], stats: dict[str, 
                           else Reject("unreadable_file", f"{rel}: cannot be read ({e})"))
                 raws.append(Raw(rel, rel, None, reject=reject, key=(file_no, _AFTER_FILE)))
                 log.error("%s", reject)
+                if info is not None and _is_document(path, opts):
+                    info.update(quarantined=reject.code, reason=str(reject))
+        if info:
+            st.document = info
     return raws
+
+
+def _is_document(path: Path, opts: Options) -> bool:
+    """A file read as heading sections (PDF, Word, web page, Markdown, text): one whose facts stats.json keeps."""
+    return opts.format in DOCUMENTS or (opts.format == "auto" and EXTENSIONS.get(path.suffix.lower()) in DOCUMENTS)
 
 
 _AFTER_FILE = 1 << 62  # the unit number of a file-level reject: after every record read from the file

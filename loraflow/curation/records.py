@@ -22,13 +22,28 @@ class SourceStats:
     pii: Counter = field(default_factory=Counter)
     fixes: Counter = field(default_factory=Counter)
     markers: dict[str, str] = field(default_factory=dict)  # format markers cut from every record (file_markers)
+    # A document's facts as its reader saw them (pages, pages without text, sections, pieces cut; why it was
+    # quarantined): loraflow/formats.py read_units' `info`.
+    document: dict[str, Any] = field(default_factory=dict)
+    # Pairs a teacher model wrote from this source's sections (curate.teacher): made, and what became of them.
+    # Kept apart from the records read, so read = curated + duplicates + quarantined holds for those.
+    generated: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"read": self.read, "curated": self.curated, "duplicates": self.duplicates,
-                "near_duplicates": self.near_duplicates, "quarantined": self.quarantined,
-                "reasons": dict(sorted(self.reasons.items())), "formats": dict(sorted(self.formats.items())),
-                "pii": dict(sorted(self.pii.items())), "fixes": dict(sorted(self.fixes.items())),
-                "markers_removed": dict(self.markers)}
+        out = {"read": self.read, "curated": self.curated, "duplicates": self.duplicates,
+               "near_duplicates": self.near_duplicates, "quarantined": self.quarantined,
+               "reasons": dict(sorted(self.reasons.items())), "formats": dict(sorted(self.formats.items())),
+               "pii": dict(sorted(self.pii.items())), "fixes": dict(sorted(self.fixes.items())),
+               "markers_removed": dict(self.markers)}
+        # Only where there is something to say: the stats of plain record files stay as they were.
+        if self.document:
+            out["document"] = self.document
+        if self.generated:
+            out["generated"] = {k: self.generated[k] for k in GENERATED_OUTCOMES}
+        return out
+
+
+GENERATED_OUTCOMES = ("made", "curated", "duplicates", "quarantined")
 
 
 @dataclass
@@ -42,6 +57,7 @@ class Raw:
     items: list[Item] = field(default_factory=list)
     reject: Reject | None = None
     key: tuple[int, int] = (0, 0)  # (file number, unit number): puts records read in parallel back in order
+    generated: bool = False  # written by the teacher model from a section (curate.teacher), not read from a file
 
 
 class Item:

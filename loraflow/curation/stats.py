@@ -15,21 +15,30 @@ def tally(raws: list[Raw], stats: dict[str, SourceStats]) -> list[dict]:
     quarantine = []
     for raw in raws:
         st = stats[raw.file]
+        if raw.reject is not None:
+            record = raw.reject.raw if raw.reject.raw is not None else as_read(raw.record)
+            quarantine.append({"source": raw.source, "category": raw.reject.code, "reason": str(raw.reject),
+                               "record": record})
+        if raw.generated:  # a teacher's pair: counted apart from the records read
+            st.generated["made"] += 1
+            st.generated["quarantined" if raw.reject is not None else "curated" if _kept(raw) else "duplicates"] += 1
+            continue
         st.read += 1
         if raw.format:
             st.formats[raw.format] += 1
         if raw.reject is not None:
             st.quarantined += 1
             st.reasons[raw.reject.code] += 1
-            record = raw.reject.raw if raw.reject.raw is not None else as_read(raw.record)
-            quarantine.append({"source": raw.source, "category": raw.reject.code, "reason": str(raw.reject),
-                               "record": record})
-        elif any(it.outcome == "new" for it in raw.items):
+        elif _kept(raw):
             st.curated += 1
         else:
             st.duplicates += 1
             st.near_duplicates += all(it.outcome == "near_duplicate" for it in raw.items)
     return quarantine
+
+
+def _kept(raw: Raw) -> bool:
+    return any(it.outcome == "new" for it in raw.items)
 
 
 def summary(params: Params, stats: dict[str, SourceStats], splits: dict[str, int],
