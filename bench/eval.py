@@ -8,7 +8,8 @@ the same base model and prompts; per-example is the same call with batch size 1 
 batched answers with a cold scorer: the BERTScore encoder is loaded inside the timing, as the step loads it
 once per run. Python imports of the metric libraries are timed apart, as the generation timing leaves out
 importing torch/transformers and loading the LLM: rouge_score imports nltk, which imports scipy.stats and
-scikit-learn where they are installed (mlflow installs both), ~0.9 s once per process whatever the set size.
+scikit-learn where they are installed (mlflow installs both): once per process whatever the set size
+(measured in docs/benchmarks.md).
 The prompts are the mode's curated eval split when it exists, else the shipped general guard set, repeated
 to the requested count. The last line is the headline: the speed-up first.
 """
