@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 
 def step_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -29,3 +31,17 @@ def step_errors() -> Iterator[None]:
     except LoraflowError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def run_step(doc: str | None, run: Callable[..., Any], paths: tuple[str, ...], argv: list[str] | None = None) -> Any:
+    """The whole `python -m steps.<name>` of a step whose `run(params, mode, *paths)` needs nothing else:
+    --params / -S, --mode, then its paths in order."""
+    from loraflow.config import load_params
+
+    ap = step_parser(doc)
+    ap.add_argument("--mode", required=True)
+    for name in paths:
+        ap.add_argument(name, type=Path)
+    args = ap.parse_args(argv)
+    with step_errors():
+        return run(load_params(args.params, args.set), args.mode, *(getattr(args, n) for n in paths))

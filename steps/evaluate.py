@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from loraflow import evaluation, generation
-from loraflow.config import Params, load_params
+from loraflow.config import Params
 from loraflow.evaluation import compare, forgetting_worst, load_eval_set
 from loraflow.io import read_json, write_bytes, write_json, write_jsonl, write_text
-from loraflow.stepcli import step_errors, step_parser
+from loraflow.stepcli import run_step
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +114,7 @@ def run(params: Params, mode: str, eval_file: Path, adapter_dir: Path, out_dir: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = step_parser(__doc__)
-    ap.add_argument("--mode", required=True)
-    ap.add_argument("eval_file", type=Path)
-    ap.add_argument("adapter_dir", type=Path)
-    ap.add_argument("out_dir", type=Path)
-    args = ap.parse_args(argv)
-    with step_errors():
-        run(load_params(args.params, args.set), args.mode, args.eval_file, args.adapter_dir, args.out_dir)
+    run_step(__doc__, run, ("eval_file", "adapter_dir", "out_dir"), argv)
 
 
 if __name__ == "__main__":

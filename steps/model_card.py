@@ -16,9 +16,9 @@ import logging
 from pathlib import Path
 
 from loraflow import modelcard
-from loraflow.config import Params, load_params
+from loraflow.config import Params
 from loraflow.io import read_json, write_text
-from loraflow.stepcli import step_errors, step_parser
+from loraflow.stepcli import run_step
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,7 @@ def run(params: Params, mode: str, stats_file: Path, train_info_file: Path, metr
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = step_parser(__doc__)
-    ap.add_argument("--mode", required=True)
-    for a in ("stats_file", "train_info_file", "metrics_file", "decision_file", "card_file"):
-        ap.add_argument(a, type=Path)
-    args = ap.parse_args(argv)
-    with step_errors():
-        run(load_params(args.params, args.set), args.mode, args.stats_file, args.train_info_file, args.metrics_file,
-            args.decision_file, args.card_file)
+    run_step(__doc__, run, ("stats_file", "train_info_file", "metrics_file", "decision_file", "card_file"), argv)
 
 
 if __name__ == "__main__":

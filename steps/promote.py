@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from loraflow import registry
-from loraflow.config import Params, load_params, registered_model_name
+from loraflow.config import Params, registered_model_name
 from loraflow.io import atomic_dir, read_json, write_json
 from loraflow.promotion import decide
-from loraflow.stepcli import step_errors, step_parser
+from loraflow.stepcli import run_step
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,7 @@ def run(params: Params, mode: str, metrics_file: Path, adapter_dir: Path, out_di
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = step_parser(__doc__)
-    ap.add_argument("--mode", required=True)
-    ap.add_argument("metrics_file", type=Path)
-    ap.add_argument("adapter_dir", type=Path)
-    ap.add_argument("out_dir", type=Path)
-    args = ap.parse_args(argv)
-    with step_errors():
-        run(load_params(args.params, args.set), args.mode, args.metrics_file, args.adapter_dir, args.out_dir)
+    run_step(__doc__, run, ("metrics_file", "adapter_dir", "out_dir"), argv)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from loraflow import generation, tracking, training
-from loraflow.config import Params, load_params
+from loraflow.config import Params
 from loraflow.errors import ValidationFailed
 from loraflow.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json
-from loraflow.stepcli import step_errors, step_parser
+from loraflow.stepcli import run_step
 from loraflow.train_plan import choose_hardware, choose_stages
 from loraflow.trainer import StageSetup, peak_memory_mb, train_stages
 
@@ -161,14 +161,7 @@ def _check_validated(report_file: Path, files: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = step_parser(__doc__)
-    ap.add_argument("--mode", required=True)
-    ap.add_argument("validation_report", type=Path)
-    ap.add_argument("curated_dir", type=Path)
-    ap.add_argument("adapter_dir", type=Path)
-    args = ap.parse_args(argv)
-    with step_errors():
-        run(load_params(args.params, args.set), args.mode, args.validation_report, args.curated_dir, args.adapter_dir)
+    run_step(__doc__, run, ("validation_report", "curated_dir", "adapter_dir"), argv)
 
 
 if __name__ == "__main__":
