@@ -54,7 +54,7 @@ INPUTS: dict[str, Callable[[Paths, Params], list[Path]]] = {
     "train": lambda p, _: [p.validation / "report.json", p.curated],
     "evaluate": lambda p, params: [p.curated / "eval.jsonl", p.adapter,
                                    *(p.root / g for g in params.evaluate.guard_sets)],
-    "promote": lambda p, _: [p.eval / "metrics.json", p.adapter],
+    "promote": lambda p, _: [p.eval / "metrics.json", p.eval / "predictions.jsonl", p.adapter],
     "model_card": lambda p, _: [p.curated / "stats.json", p.adapter / "train_info.json", p.eval / "metrics.json",
                                 p.promotion / "decision.json"],
 }
