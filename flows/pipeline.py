@@ -38,6 +38,7 @@ from loraflow import handoff as handoff_io
 from loraflow.config import Params, Paths, load_params, stage_sections
 from loraflow.evaluation import METRICS
 from loraflow.io import sha256_file, sha256_tree
+from loraflow.parity import line as parity_line
 from steps import curate as curate_step
 from steps import evaluate as evaluate_step
 from steps import model_card as model_card_step
@@ -245,7 +246,9 @@ def _decision_markdown(mode: str, decision: dict[str, Any], run: str) -> str:
     return (f"# Promotion decision for `{mode}`: **{decision['decision']}**\n\n{decision['reason']}\n\n"
             f"| | |\n|---|---|\n| registered model | `{decision.get('registered_model')}` |\n"
             f"| version | {decision.get('version')} |\n| aliases after | {decision.get('aliases_after')} |\n"
-            f"| flow run | {run} |\n")
+            f"| flow run | {run} |\n"
+            + "".join(f"| parity: {t} | {parity_line(t, r)} |\n"
+                      for t, r in ((decision.get("parity") or {}).get("targets") or {}).items()))
 
 
 @flow(name="loraflow", flow_run_name=run_name)
