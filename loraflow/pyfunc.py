@@ -34,7 +34,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         base = load_causal_lm(resolve(cfg["base_model"], cfg.get("model_cache", "~/.cache/loraflow")))
         self.model = PeftModel.from_pretrained(base, adapter).eval()
 
-    def predict(self, context, model_input: Any, params: dict | None = None) -> list[str]:
+    def predict(self, context, model_input, params: dict | None = None) -> list[str]:  # no hint: the signature validates
         from loraflow.generation import generate_detailed
 
         if hasattr(model_input, "columns"):  # a DataFrame: per row `messages` where given, else `prompt`

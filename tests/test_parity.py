@@ -115,3 +115,104 @@ def test_served_line_says_which_version_serves_after_each_decision():
     assert "champion stays loraflow-m v3; the candidate (v5, registered, no alias)" in served_line(parity_failed)
     first = {"decision": "reject", "registered_model": "loraflow-m", "version": None, "aliases_after": {}}
     assert served_line(first).startswith("no champion yet")
+
+
+# ---------------------------------------------------------------------------------------------- a real mismatch
+
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+          "{{ m.content }}<|eot_id|>{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def _llama3_like_model(folder):
+    """A tiny random Llama with a Llama-3-like template (end of turn <|eot_id|>, eos <|end_of_text|>), trained for a
+    few seconds until, greedily, it answers "um dois três", writes <|eot_id|> and then keeps going ("quatro cinco
+    ..."): what a model does that nobody stops at its end of turn."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = ["<unk>", "user", "assistant", "pergunta", "um", "dois", "três", "quatro", "cinco", "seis", "sete"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                           "<|eot_id|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                  pad_token="<|end_of_text|>", unk_token="<unk>")
+    tok.chat_template = LLAMA3
+    prompt = [{"role": "user", "content": "pergunta"}]
+    text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    ids = tok(text + "um dois três<|eot_id|>quatro cinco seis sete quatro cinco seis sete", add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.tensor([ids])
+    for _ in range(150):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return prompt
+
+
+@pytest.mark.slow
+def test_a_server_that_stops_at_the_eos_alone_is_caught_by_the_gate(tmp_path, monkeypatch):
+    """The contract broken on purpose in one serving path: the server's engine stops at the eos only. Evaluation
+    (the one generate loop, stopping at <|eot_id|>) answered "um dois três"; the server runs on past the end of
+    turn, and the parity gate rejects the candidate naming the server, with the numbers and the first difference."""
+    import mlflow
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loraflow import generation, registry, tracking
+    from loraflow.io import sha256_file, write_json
+    from loraflow.models import load_causal_lm, load_tokenizer
+    from loraflow.promotion import Decision
+    from loraflow.serve import engine as engine_mod
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    prompt = _llama3_like_model(base_dir)
+    params = load_params(ROOT / "params.yaml", [
+        f"base.model={base_dir}", f"base.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "generate.max_new_tokens=8",
+        "generate.repetition_penalty=1.0", "evaluate.bootstrap_samples=200", "promote.parity.targets=[server]"])
+    # a LoRA adapter whose B is zero (peft's init): the candidate answers exactly as the tiny base does
+    tok = load_tokenizer(str(base_dir))
+    get_peft_model(load_causal_lm(str(base_dir)), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter_dir)
+    tok.save_pretrained(adapter_dir)
+    generation.write(adapter_dir, params.generate)
+
+    # evaluation's answer: the one loop, stopping at the end-of-turn ids of the contract
+    model = PeftModel.from_pretrained(load_causal_lm(str(base_dir)), str(adapter_dir)).eval()
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert eot in generation.end_of_turn_ids(tok, model) and eot != tok.eos_token_id
+    g = generation.generate_detailed(model, tok, [prompt], generation.load(adapter_dir), batch_size=1)
+    assert g.answers == ["um dois três"] and g.stopped == [True]
+    evaluated = parity.Evaluated(["q1"], [prompt], ["um dois três"], g.answers, g.stopped)
+
+    with mlflow.start_run(experiment_id=tracking.setup(params, "tiny")) as run:
+        pass
+    write_json(adapter_dir / "train_info.json", {"adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
+                                                "mlflow_run_id": run.info.run_id})
+    metrics = {"eval_set": {"sha256": "e" * 64}, "base": None, "candidate": None, "champion_version": None}
+    d = Decision("promote", "stand-in", "rougeL", "base", 0.1)
+    version = registry.register_version(params, "tiny", adapter_dir, metrics, d)
+
+    # the server as it should be: answers as evaluated
+    ok = parity.gate(params, "tiny", version, adapter_dir, evaluated)
+    assert ok["passed"], ok["targets"]["server"]
+    assert ok["targets"]["server"]["identical"] == 1
+
+    # the server made to stop at the eos alone
+    real = engine_mod.generation.end_of_turn_ids
+    monkeypatch.setattr(engine_mod.generation, "end_of_turn_ids", lambda t, m=None: [t.eos_token_id])
+    bad = parity.gate(params, "tiny", version, adapter_dir, evaluated)
+    monkeypatch.setattr(engine_mod.generation, "end_of_turn_ids", real)
+    served = bad["targets"]["server"]
+    assert not bad["passed"] and served["identical"] == 0 and served["stop_rate"]["served"] == 0.0
+    assert bad["reason"].startswith("parity: target server (loraflow serve's batched engine) does not answer as evaluated")
+    assert "identical 0/1" in bad["reason"] and "evaluated 'um dois três' vs served 'um dois três quatro" in bad["reason"]
