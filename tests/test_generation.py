@@ -28,12 +28,14 @@ TEMPLATES = {
 }
 
 
-def _tokenizer(name: str):
+def _tokenizer(name: str, words: tuple[str, ...] = ()):
+    """A word-level tokenizer for template `name`: the words its templates and the probe need, plus `words`."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials, eos, bos, _, template = TEMPLATES[name]
-    words = ["<unk>", "user", "assistant", "model", "hi", "loraflow-end-of-turn-probe"]
+    words = list(dict.fromkeys(["<unk>", "system", "user", "assistant", "model", "hi", "loraflow-end-of-turn-probe",
+                                *words]))
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.add_special_tokens(specials)
@@ -100,3 +102,20 @@ def test_server_engine_stops_at_the_end_of_turn_evaluation_stops_at(name, monkey
         assert job.done and out["finish_reason"] == "stop" and out["completion_tokens"] == 0
     finally:
         eng.close()
+
+
+def test_pyfunc_input_is_prompts_or_conversations_and_bad_records_are_named():
+    import pandas as pd
+
+    from loraflow.pyfunc import PyfuncInputError, conversations
+
+    conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    user = [{"role": "user", "content": "q"}]
+    assert conversations(["q", conv]) == [user, conv]
+    assert conversations("q") == [user]
+    assert conversations([{"messages": conv}]) == [conv] == conversations({"messages": conv})
+    assert conversations(pd.DataFrame({"messages": [conv, user]})) == [conv, user]
+    assert conversations(pd.DataFrame({0: ["q"]})) == [user]  # the string signature's unnamed column
+    for bad in ([[]], [[{"role": "user"}]], [3], [{"role": "user", "content": "q"}]):
+        with pytest.raises(PyfuncInputError, match="record 0: field 'messages'"):
+            conversations(bad)
