@@ -119,3 +119,28 @@ def test_pyfunc_input_is_prompts_or_conversations_and_bad_records_are_named():
     for bad in ([[]], [[{"role": "user"}]], [3], [{"role": "user", "content": "q"}]):
         with pytest.raises(PyfuncInputError, match="record 0: field 'messages'"):
             conversations(bad)
+
+
+def test_anti_repetition_counts_a_rows_own_tokens_not_its_left_padding():
+    """transformers' processors penalise the pad token of a left-padded row (often the eos); call_kwargs' one
+    applies them to the row's own tokens, as for the row alone, and leaves unpadded rows exactly as they were."""
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    pad = 0
+    rows = torch.tensor([[pad, pad, 5, 6, 5], [3, 4, 5, 6, 7]])
+    mask = (torch.arange(5) >= torch.tensor([[2], [0]])).long()
+    scores = torch.randn(2, 10).abs() + 1
+    kw = generation.call_kwargs({"do_sample": False, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2}, mask)
+    assert kw["repetition_penalty"] == 1.0 and kw["no_repeat_ngram_size"] == 0  # the model's own config adds none
+    out = kw["logits_processor"](rows, scores)
+
+    def alone(ids, row_scores):
+        for p in (RepetitionPenaltyLogitsProcessor(1.5), NoRepeatNGramLogitsProcessor(2)):
+            row_scores = p(ids, row_scores)
+        return row_scores
+
+    assert torch.equal(out[0], alone(rows[:1, 2:], scores[:1])[0])  # as if the row had no padding
+    assert torch.equal(out[1], alone(rows[1:], scores[1:])[0])
+    assert out[0, pad] == scores[0, pad] != alone(rows[:1], scores[:1])[0, pad]  # the stock way penalised the pad
+    assert "logits_processor" not in generation.call_kwargs({"do_sample": False}, mask)
