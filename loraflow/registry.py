@@ -208,19 +208,6 @@ def version_tags(params: Params, adapter_dir: Path, mode: str, info: dict, metri
     return tags
 
 
-def signature(max_new_tokens: int):
-    """The pyfunc model's input: a `prompt` string column or a `messages` column of chat turns (either per row);
-    its output: the answers; its param: max_new_tokens."""
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
-
-    turns = Array(Object([Property("role", "string"), Property("content", "string")]))
-    return ModelSignature(inputs=Schema([ColSpec("string", "prompt", required=False),
-                                         ColSpec(turns, "messages", required=False)]),
-                          outputs=Schema([ColSpec("string")]),
-                          params=ParamSchema([ParamSpec("max_new_tokens", "long", max_new_tokens)]))
-
-
 def register(params: Params, mode: str, adapter_dir: Path, metrics: dict, decision: Decision) -> dict[str, Any]:
     """Create (or reuse) the registry version for this adapter and move aliases as decided."""
     version = register_version(params, mode, adapter_dir, metrics, decision)
@@ -233,7 +220,7 @@ def register_version(params: Params, mode: str, adapter_dir: Path, metrics: dict
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from loraflow.pyfunc import AdapterModel
+    from loraflow.pyfunc import AdapterModel, signature
 
     name = registered_model_name(mode)
     tracking.setup(params, mode)
