@@ -171,16 +171,19 @@ def _load(mode: str, params_file: str, overrides: list[str] | None, root: str) -
 
 @flow(name="loraflow-train", flow_run_name=run_name)
 def train_flow(mode: str, params_file: str = "params.yaml", overrides: list[str] | None = None,
-               root: str = ".", refresh: bool = False, handoff: dict[str, str] | None = None) -> dict[str, Any]:
+               root: str = ".", refresh: bool = False, handoff: dict[str, Any] | None = None) -> dict[str, Any]:
     """Only the training step: deployed to the GPU work pool (prefect.yaml), started by `pipeline`.
 
     With `handoff` (from `pipeline` in another checkout: the DVC md5s of the validated data, the sha256 of
-    the validation report, the digest of the train params), the data comes from the DVC remote and the
-    adapter goes back to it; the flow run's `handoff-<mode>` artifact records what was trained where.
+    the validation report, the digest of the train params, the identity of its train step code), the data
+    comes from the DVC remote and the adapter goes back to it; the flow run's `handoff-<mode>` artifact records
+    what was trained where. A checkout whose train step code or train params differ from the controller's
+    refuses before pulling anything.
     """
     params, p = _load(mode, params_file, overrides, root)
     if handoff is None:
         return _step(train, params, p, refresh, result_storage(p))
+    code = handoff_io.check_code(handoff.get("code"))  # before anything is pulled: the controller's code, or refuse
     digest = params.digest(*stage_sections("train"))
     if digest != handoff["params_digest"]:
         raise ValueError(f"{p.root / params_file}: this checkout's train params (digest {digest}, with "
@@ -188,7 +191,8 @@ def train_flow(mode: str, params_file: str = "params.yaml", overrides: list[str]
                          "check out the controller's commit")
     handoff_io.pull_inputs(p, handoff)
     info = _step(train, params, p, refresh, result_storage(p))
-    record = handoff_io.push_adapter(params, p, info, handoff)
+    record = {**handoff_io.push_adapter(params, p, info, handoff), "code_sha256": code["code_sha256"],
+              "commit": code["commit"] or "", "dirty": ", ".join(code["dirty"])}
     create_table_artifact(key=_handoff_key(mode), table=[record],
                           description=f"The {mode} adapter this run trained, pushed to the DVC remote")
     return record
@@ -221,7 +225,8 @@ def _train_elsewhere(deployment: str, params: Params, p: Paths, params_file: str
     except ValueError:
         raise ValueError(f"{params_file}: outside the project {p.root}, so a worker in another checkout cannot "
                          "read it; keep the params file in the project (committed)") from None
-    sent = {**handoff_io.push_inputs(p), "params_digest": params.digest(*stage_sections("train"))}
+    sent = {**handoff_io.push_inputs(p), "params_digest": params.digest(*stage_sections("train")),
+            "code": handoff_io.code_identity()}
     fr = run_deployment(deployment, timeout=None, parameters={
         "mode": p.mode, "params_file": str(rel), "overrides": overrides, "refresh": refresh, "handoff": sent})
     if not fr.state or not fr.state.is_completed():
