@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from prefect.filesystems import LocalFileSystem
 from prefect.variables import Variable
 
-from loraflow import codedeps
+from loraflow import codedeps, runlock
 from loraflow import handoff as handoff_io
 from loraflow.config import Params, Paths, load_params, stage_sections
 from loraflow.evaluation import METRICS
@@ -260,6 +261,14 @@ def pipeline(mode: str, params_file: str = "params.yaml", overrides: list[str] |
     from prefect.runtime import flow_run
 
     params, p = _load(mode, params_file, overrides, root)
+    # One run of a mode at a time (another flow run, `dvc repro`, the feedback trigger): refused, naming the holder.
+    with runlock.hold(p.root, mode, command=f"the loraflow flow, run {flow_run.name} ({' '.join(sys.argv)})"):
+        return _pipeline(params, p, params_file, overrides, train_deployment, refresh, flow_run.name)
+
+
+def _pipeline(params: Params, p: Paths, params_file: str, overrides: list[str] | None, train_deployment: str | None,
+              refresh: bool, run: str) -> dict[str, Any]:
+    mode = p.mode
     raw_hash = content_hash(p.raw)  # before curating: the data this run trained on
     storage = result_storage(p)
     _step(curate, params, p, refresh, storage)
@@ -277,9 +286,9 @@ def pipeline(mode: str, params_file: str = "params.yaml", overrides: list[str] |
     m = params.promote.primary_metric
     create_table_artifact(key=f"eval-{slug}", table=_eval_table(metrics),
                           description=f"Held-out scores for {mode} (mean [CI]); {metrics['eval_set']['size']} conversations")
-    create_markdown_artifact(key=f"promotion-{slug}", markdown=_decision_markdown(mode, decision, flow_run.name),
+    create_markdown_artifact(key=f"promotion-{slug}", markdown=_decision_markdown(mode, decision, run),
                              description=f"Promotion decision for {mode}")
-    Variable.set(raw_variable(mode), {"raw_hash": raw_hash, "flow_run": flow_run.name}, overwrite=True)
+    Variable.set(raw_variable(mode), {"raw_hash": raw_hash, "flow_run": run}, overwrite=True)
     return {"mode": mode, "decision": decision["decision"], "version": decision["version"],
             f"base_{m}": metrics["base"][m]["mean"], f"candidate_{m}": metrics["candidate"][m]["mean"]}
 
