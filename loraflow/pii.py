@@ -124,23 +124,27 @@ _RESIDUE_EMAIL = re.compile(r'(?:"[^"\n]{1,64}"|(?<![^\s"(),:;<>\[\]\\])[^\s@"()
 _RESIDUE_PHONE = re.compile(r"\+\d(?:[\s.()-]{0,2}\d){7,14}(?!\d)|\(\d{2,3}\)[\s.-]?\d{3,5}[\s.-]?\d{4}(?!\d)"
                             r"|(?<![\d.-])(?:\d{2}[\s.-]?)?9\d{4}[\s.-]\d{4}(?![\d-])")
 # Document and card numbers: digit groups joined by single separators of any kind; every group-aligned window
-# with the right number of digits is checked (CPF 11 and CNPJ 14 by their check digits, cards 13-19 by Luhn).
+# with the right number of digits is checked (CPF 11 and CNPJ 14 by their check digits, cards 13-19 by Luhn;
+# a card's groups are joined by one kind of separator, as people write them).
 _RESIDUE_DIGITS = re.compile(r"\d+(?:[\s./_-]\d+)*")
+# Links and DOIs are taken out before the numbers are looked at: "doi.org/10.5007/2175-8069.2020" is not a card.
+_RESIDUE_LINK = re.compile(r"(?:https?://|www\.|doi:\s?)\S+|\b10\.\d{4,9}/\S+", re.IGNORECASE)
 _RESIDUE_IP = re.compile(r"(?<![\w.])\d+\.\d+\.\d+\.\d+(?!\w|\.\d)|(?<![\w:])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
 
 
 def _residue_numbers(run: str) -> str | None:
     groups = re.findall(r"\d+", run)
+    seps = re.findall(r"\D", run)
     for i in range(len(groups)):
         digits = ""
-        for g in groups[i:]:
+        for j, g in enumerate(groups[i:], start=i):
             digits += g
             n = len(digits)
             if n == 14 and cnpj_ok(digits):
                 return "cnpj"
             if n == 11 and cpf_ok(digits):
                 return "cpf"
-            if 13 <= n <= 19 and luhn_ok(digits):
+            if 13 <= n <= 19 and len(set(seps[i:j])) <= 1 and luhn_ok(digits):
                 return "card"
             if n > 19:
                 break
@@ -153,6 +157,7 @@ def residue(text: str) -> Counter:
     for m in _RESIDUE_EMAIL.finditer(text):
         if re.search(r"[^\W_]", m.group(0).split("@")[0]):
             found["email"] += 1
+    text = _RESIDUE_LINK.sub(" ", text)
     found["phone"] += len(_RESIDUE_PHONE.findall(text))
     for m in _RESIDUE_DIGITS.finditer(text):
         kind = _residue_numbers(m.group(0)) if len(m.group(0)) >= 11 else None

@@ -63,5 +63,6 @@ def test_the_second_detector_catches_what_the_scrubber_misses():
         assert residue(text) == {kind: 1}, kind
     # and it is not a false alarm on what the scrubber rightly leaves, nor on its placeholders
     clean = ("Investimento R$ 1.200; pedido 123.456.789-00; lote 4111 1111 1111 1112; versão 1.2.3.4567; 2000-2015; "
-             "94962 × 4694 = 43957319824; `@app.get`; x = a@b.T; original[::-1]; <EMAIL> <PHONE> <CPF>")
+             "94962 × 4694 = 43957319824; `@app.get`; x = a@b.T; original[::-1]; <EMAIL> <PHONE> <CPF>; "
+             "https://doi.org/10.5007/2175-8069.2020v17n45p19; 10.51359/1679-1827.2021.239657; 2175.8069-2020/4519")
     assert not residue(clean) and not residue(scrub("ana@x.com (11) 98765-4321 529.982.247-25")[0])
