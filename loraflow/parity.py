@@ -223,7 +223,8 @@ def replay_server(params: Params, mode: str, version: str, adapter_dir: Path, pr
     from loraflow.serve.settings import ServeSettings
 
     t = time.perf_counter()
-    engine = Engine(params, ServeSettings(poll_interval=0, lru_size=1))
+    # every prompt is queued within milliseconds: a window of 0.5 s lets them share the first batch
+    engine = Engine(params, ServeSettings(poll_interval=0, lru_size=1, batch_window_ms=500))
     try:
         ad = engine.adapters.pin_version(mode, version)
         try:

@@ -641,3 +641,22 @@ def test_metrics_need_a_key_when_keys_are_set_but_spend_no_rate_limit(env, tmp_p
         # a refusal comes before routing: counted under route "other"; the scrapes are not counted at all
         assert m[("loraflow_requests_total", frozenset({"route": "other", "mode": "", "status": "401"}.items()))] == 1
         assert sum(x for (n, _), x in m.items() if n == "loraflow_requests_total") == 2
+
+
+def test_a_modes_only_adapter_replaced_by_a_new_version_still_answers(env, tmp_path):
+    """A server whose one loaded adapter is unloaded (its mode's champion moved) then loads the new version: peft
+    kept the deleted name active, and the next request failed with a KeyError (found by bench/loop.py)."""
+    from loraflow.serve.adapters import Adapter
+    from loraflow.serve.engine import Engine
+
+    params = env["params"]
+    eng = Engine(params, env["settings"])
+    try:
+        first, second = (make_adapter(params, tmp_path / n, seed=s) for n, s in (("v1", 31), ("v2", 32)))
+        eng.attach(first, "a1_solo_v1")
+        eng.detach("a1_solo_v1")
+        eng.attach(second, "a2_solo_v2")
+        out = eng.generate(Adapter("a2_solo_v2", "solo", "2", second), Q, 6, 0.0, None)
+        assert out["text"] and out["finish_reason"] in ("stop", "length")
+    finally:
+        eng.close()

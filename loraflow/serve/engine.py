@@ -99,11 +99,18 @@ class Engine:
                 self.peft = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name).eval()
             else:
                 self.peft.load_adapter(str(folder), adapter_name=name)
+                # peft keeps a deleted adapter's name as the active one when it was the last loaded (a mode's
+                # champion replaced): generate() would then look it up and fail with a KeyError
+                if self.peft.active_adapter not in self.peft.peft_config:
+                    self.peft.set_adapter(name)
 
     def detach(self, name: str) -> None:
         with self.gen_lock:
             if self.peft is not None and name in self.peft.peft_config:
                 self.peft.delete_adapter(name)
+                left = list(self.peft.peft_config)
+                if left and self.peft.active_adapter not in self.peft.peft_config:
+                    self.peft.set_adapter(left[-1])
 
     # -- generation
 
