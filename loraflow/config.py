@@ -217,6 +217,11 @@ class TrainParams(_Section):
     warm_start: Literal["off", "champion"] = "off"
     replay_fraction: float = Field(0.25, ge=0, le=1)  # warm start: share of the champion's old records trained again
 
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _off_is_not_false(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` (params.yaml, -S train.warm_start=off) as false
+
 
 class GenerateParams(_Section):
     """How an adapter answers: saved beside it as generation_config.json, registered with it, and read back by

@@ -50,6 +50,7 @@ def _plan(params, records, champion):
 
 def test_off_and_no_champion_train_everything_from_the_base_and_say_why(tmp_path):
     recs = {"sft": _records(10)}
+    assert _params("train.warm_start=off").train.warm_start == "off"  # YAML's bare off (false) means off
     off = _plan(_params(), recs, _champion(tmp_path / "c", {"sft": ["r0"]}))
     assert off.kind == "base" and "off" in off.reason and off.records == recs and off.adapter_dir is None
     assert off.learned == {"sft": sorted(r["id"] for r in recs["sft"])}  # what the fresh adapter will have learned
@@ -186,3 +187,13 @@ def test_warm_start_continues_the_champions_weights_on_new_and_replayed_records_
     assert seen.keys() == champion_weights.keys()
     assert all(seen[k].equal(champion_weights[k]) for k in seen)
     assert res["base_weights_unchanged"] and res["steps"] == 1
+
+
+def test_the_model_card_says_what_training_started_from(tmp_path):
+    from loraflow.modelcard import _started_from
+
+    start = _plan(_params("train.warm_start=champion"), {"sft": _records(6)}, _champion(tmp_path / "c", {"sft": ["r0"]}))
+    text = _started_from({"started_from": start.info()})
+    assert text.startswith("champion v3's adapter") and "(sft: 5 new + 0 replayed records)" in text
+    assert "fresh LoRA" in _started_from({"started_from": _plan(_params(), {"sft": _records(2)}, (None, None)).info()})
+    assert "predates warm starts" in _started_from({})
