@@ -130,8 +130,15 @@ class Server:
         return ((self.call("/health", timeout=10).get("modes") or {}).get(MODE) or {}).get("version")
 
     def ask(self, prompt: list[dict], max_tokens: int) -> tuple[str, str]:
-        """(answer, response id) from the OpenAI API, greedy."""
-        r = self.call("/v1/chat/completions", {"model": MODE, "messages": prompt, "temperature": 0, "max_tokens": max_tokens})
+        """(answer, response id) from the OpenAI API, greedy. A refused answer ends the bench, naming the log."""
+        import urllib.error
+
+        try:
+            r = self.call("/v1/chat/completions", {"model": MODE, "messages": prompt, "temperature": 0,
+                                                   "max_tokens": max_tokens})
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"loraflow serve answered HTTP {e.code} to a chat request (served version "
+                               f"{self.served_version()}); see {self.log.name}") from None
         return r["choices"][0]["message"]["content"], r["id"]
 
     def stop(self) -> None:
@@ -197,6 +204,26 @@ def wait_for_run(server: Server, before: str | None, timeout: float) -> dict[str
     raise TimeoutError(f"no decision within {timeout:.0f} s of the run starting")
 
 
+def print_table(rows: list[dict]) -> None:
+    """The per-round table, markdown."""
+    print("| round | decision | champion | held-out ROUGE-L [95% CI] | corrected Qs ROUGE-L (first -> now, n) "
+          "| events (corr/pair/rating) | started from | train min (records) | last post -> served (reject: decided) | manual |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        h = r["held_out"]
+        hs = f"{h['mean']:.4f} [{h['ci_low']:.4f}, {h['ci_high']:.4f}]"
+        if r["round"] == 0:
+            print(f"| 0 | promote (seed) | v{r['champion']} | {hs} | — | — | base | "
+                  f"{r['train']['wall_seconds'] / 60:.1f} ({r['train']['train_records']}) | — | 0 |")
+            continue
+        sf = r["started_from"] or {}
+        frm = f"v{sf.get('version')} (+{sum((sf.get('new_records') or {}).values())} new)" if sf.get("kind") == "champion" else "base"
+        k = r["kinds"]
+        print(f"| {r['round']} | {r['decision']} | v{r['champion']} | {hs} | {r['corrected_first']} -> {r['corrected_now']} "
+              f"({r['corrected_n']}) | {r['events']} ({k['correction']}/{k['pair']}/{k['rating']}) | {frm} | "
+              f"{r['train_minutes']} ({r['train_records']}+{r['pref_records']} pairs) | {r['post_to_served_s']} s | 0 |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -243,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(project, work, a.feedback_threshold)
     corrected: dict[int, dict] = {}  # user index -> {prompt, ref, first score}
     events_total, asked, kinds_total = 0, 0, {"correction": 0, "pair": 0, "rating": 0}
+    failure = None
     try:
         server.wait_ready(champion)
         for rnd in range(1, a.rounds + 1):
@@ -274,43 +302,30 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_run(server, before.get("decided_at"), a.round_timeout)
             decision = read_json(project / "data" / "promotion" / MODE / "decision.json")
             info = read_json(project / "data" / "adapters" / MODE / "train_info.json")
-            served_after = None
             if decision.get("decision") == "promote":
                 champion = str(decision["version"])
                 server.wait_ready(champion, timeout=300)
             served_after = time.time() - last_post
-            again = [server.ask(c["prompt"], max_tokens)[0] for c in corrected.values()]
             refs = [c["ref"] for c in corrected.values()]
             row = {"round": rnd, "decision": decision.get("decision"), "reason": decision.get("reason"),
                    "champion": champion, "held_out": held_out(project, decision),
                    "corrected_n": len(corrected), "corrected_first": mean([c["first"] for c in corrected.values()]),
-                   "corrected_now": mean(rouge_l(again, refs)), "events": events, "kinds": kinds,
+                   "corrected_now": "failed", "events": events, "kinds": kinds,
                    "started_from": info.get("started_from"), "train_minutes": round(info["wall_seconds"] / 60, 1),
                    "train_records": info.get("train_records"), "pref_records": info.get("pref_records"),
                    "post_to_served_s": round(served_after, 1), "manual_steps": 0}
             rows.append(row)
             last = served_scores(project, decision)
             print(f"round {rnd}: {row['decision']} ({row['reason']}); champion v{champion}", flush=True)
+            # the served champion answers the corrected questions again
+            row["corrected_now"] = mean(rouge_l([server.ask(c["prompt"], max_tokens)[0] for c in corrected.values()], refs))
+    except (RuntimeError, TimeoutError) as e:  # the table of the rounds that finished still prints
+        failure = str(e)
     finally:
         server.stop()
 
     print()
-    print("| round | decision | champion | held-out ROUGE-L [95% CI] | corrected Qs ROUGE-L (first -> now, n) "
-          "| events (corr/pair/rating) | started from | train min (records) | last post -> served (reject: decided) | manual |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        h = r["held_out"]
-        hs = f"{h['mean']:.4f} [{h['ci_low']:.4f}, {h['ci_high']:.4f}]"
-        if r["round"] == 0:
-            print(f"| 0 | promote (seed) | v{r['champion']} | {hs} | — | — | base | "
-                  f"{r['train']['wall_seconds'] / 60:.1f} ({r['train']['train_records']}) | — | 0 |")
-            continue
-        sf = r["started_from"] or {}
-        frm = f"v{sf.get('version')} (+{sum((sf.get('new_records') or {}).values())} new)" if sf.get("kind") == "champion" else "base"
-        k = r["kinds"]
-        print(f"| {r['round']} | {r['decision']} | v{r['champion']} | {hs} | {r['corrected_first']} -> {r['corrected_now']} "
-              f"({r['corrected_n']}) | {r['events']} ({k['correction']}/{k['pair']}/{k['rating']}) | {frm} | "
-              f"{r['train_minutes']} ({r['train_records']}+{r['pref_records']} pairs) | {r['post_to_served_s']} s | 0 |")
+    print_table(rows)
     for r in rows[1:]:
         print(f"round {r['round']} {r['decision']}: {r['reason']}")
     ids = sorted(set(first) & set(last)) if len(rows) > 1 else []
@@ -322,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                                           indent=1, default=str))
     if not a.keep and not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
+    if failure:
+        print(f"stopped: {failure}")
     if gain is None:
         print("headline: no round finished")
         return 1

@@ -98,10 +98,8 @@ def _started_from(info: dict) -> str:
     if not sf:
         return "a fresh LoRA on the base model (train_info.json predates warm starts)"
     if sf.get("kind") == "champion":
-        new, replayed = sf.get("new_records") or {}, sf.get("replayed_records") or {}
-        counts = "; ".join(f"{s}: {n} new + {replayed.get(s, 0)} replayed records" for s, n in new.items())
-        return (f"champion v{sf.get('version')}'s adapter (sha256 `{(sf.get('adapter_sha256') or '')[:16]}`), continued "
-                f"({counts}): {sf.get('reason')}")
+        # the reason names the version and counts the new and replayed records per stage
+        return f"the champion's adapter (sha256 `{(sf.get('adapter_sha256') or '')[:16]}`): {sf.get('reason')}"
     return f"a fresh LoRA on the base model ({sf.get('reason')})"
 
 

@@ -194,6 +194,6 @@ def test_the_model_card_says_what_training_started_from(tmp_path):
 
     start = _plan(_params("train.warm_start=champion"), {"sft": _records(6)}, _champion(tmp_path / "c", {"sft": ["r0"]}))
     text = _started_from({"started_from": start.info()})
-    assert text.startswith("champion v3's adapter") and "(sft: 5 new + 0 replayed records)" in text
+    assert text.startswith("the champion's adapter") and "continues champion v3 (sft: 5 new + 0 replayed of 1 seen" in text
     assert "fresh LoRA" in _started_from({"started_from": _plan(_params(), {"sft": _records(2)}, (None, None)).info()})
     assert "predates warm starts" in _started_from({})
