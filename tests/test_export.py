@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from loraflow import generation, modelfile
+from loraflow.cli import main as cli
 from loraflow.config import GenerateParams, load_params
 from tests import gotemplate
 from tests.conftest import MODE, ROOT, SHRUNK, mlflow_client
@@ -172,6 +173,29 @@ def test_merged_model_generation_config_holds_the_end_of_turn_ids(tmp_path):
     assert not any("lora" in k for k in json.loads((tmp_path / "merged" / "config.json").read_text()))
 
 
+def _result(served: float, evaluated: float, ci: tuple[float, float], stop: float, loop: float) -> dict:
+    return {"n": 21, "identical": 0, "identical_share": 0.0, "token_agreement": 0.1,
+            "rougeL": {"served": served, "evaluated": evaluated,
+                       "diff": {"mean": served - evaluated, "ci_low": ci[0], "ci_high": ci[1]}},
+            "stop_rate": {"served": stop, "evaluated": 1.0}, "loop_rate": {"served": loop, "evaluated": 0.0}}
+
+
+def test_an_export_is_refused_only_outside_its_tolerances():
+    from loraflow.export import lines, refusals
+
+    params = load_params(ROOT / "params.yaml")  # rougeL_tolerance 0.05, min_stop_rate 0.8, max_loop_rate 0.2
+    # the issue's Q4 export: never identical, but its quality interval straddles zero
+    assert refusals(_result(0.172, 0.159, (-0.007, 0.034), 1.0, 0.0), params) == []
+    # worse, but the interval still reaches within the tolerance: kept
+    assert refusals(_result(0.12, 0.159, (-0.08, -0.04), 1.0, 0.0), params) == []
+    worse = refusals(_result(0.08, 0.159, (-0.11, -0.06), 0.5, 0.3), params)
+    assert len(worse) == 3 and "-0.0600" in worse[0] and "0.0800 vs evaluated 0.1590" in worse[0]
+    assert "50% of its answers end their turn" in worse[1] and "30% of its answers loop" in worse[2]
+    text = "\n".join(lines(_result(0.172, 0.159, (-0.007, 0.034), 1.0, 0.0)))
+    assert "export 0.1720   evaluated 0.1590   paired diff +0.0130 [-0.0070, +0.0340]" in text
+    assert "ended their turn   export 100%   evaluated 100%" in text
+
+
 def test_missing_llama_cpp_converters_name_the_setup_command(tmp_path, monkeypatch):
     from loraflow.export import ExportError, llama_cpp_dir
 
@@ -183,7 +207,7 @@ def test_missing_llama_cpp_converters_name_the_setup_command(tmp_path, monkeypat
 # ---------------------------------------------------------------------------------------------- slow: for real
 
 @pytest.mark.slow
-def test_export_a_registered_version_to_ollama_and_merged_for_real(project, tracking, monkeypatch):
+def test_export_a_registered_version_to_ollama_and_merged_for_real(project, tracking, monkeypatch, capsys):
     """Real steps register a version (curate, validate, train 3 steps, evaluate 3 prompts, promote); then
     `loraflow export` converts it with llama.cpp's converter, replays it on llama.cpp and on transformers."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by scripts/setup.sh --with-llama (make test)")
@@ -204,14 +228,16 @@ def test_export_a_registered_version_to_ollama_and_merged_for_real(project, trac
     assert decision["aliases_after"]["champion"] == version
     preds = [json.loads(x) for x in (project / "data" / "eval" / MODE / "predictions.jsonl").read_text().splitlines()]
 
+    # --to ollama through the installed `loraflow` command, as a user runs it; --to merged in this process
+    # (the same main(), without paying the imports a second time)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     sets = [a for o in overrides for a in ("-S", o)]
-    loraflow = str(Path(sys.executable).parent / "loraflow")
-    runs = {t: subprocess.run([loraflow, "export", MODE, "--to", t, *sets], cwd=project, env=env,
-                              capture_output=True, text=True, timeout=900) for t in ("ollama", "merged")}
-    for t, r in runs.items():
-        assert r.returncode == 0, (t, r.stdout[-3000:], r.stderr[-5000:])
-        assert "ROUGE-L" in r.stdout and "export" in r.stdout and "evaluated" in r.stdout
+    r = subprocess.run([str(Path(sys.executable).parent / "loraflow"), "export", MODE, "--to", "ollama", *sets],
+                       cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+    assert "ROUGE-L            export" in r.stdout and "evaluated" in r.stdout and "ended their turn" in r.stdout
+    assert cli(["export", MODE, "--to", "merged", "--version", version, *sets]) == 0
+    assert "ROUGE-L            export" in capsys.readouterr().out
 
     ol = project / "exports" / MODE / f"v{version}-ollama"
     mf = (ol / "Modelfile").read_text()
