@@ -27,6 +27,11 @@ if ! "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VER')"
   # llava (multimodal) is not used: leaving it out cuts the build time.
   CMAKE_ARGS="-DLLAVA_BUILD=OFF ${LLAMA_CMAKE_ARGS:-}" quiet "$PY" -m pip install -q "$src"
 fi
+# convert_hf_to_gguf.py imports sentencepiece for Llama-architecture bases even when they have no
+# tokenizer.model (llama.cpp's requirements-convert_legacy_llama.txt lists it).
+if ! "$PY" -c "import sentencepiece" 2>/dev/null; then
+  quiet "$PY" -m pip install -q "sentencepiece>=0.1.98,<0.3.0"
+fi
 if [ "$(cat "$share/VERSION" 2>/dev/null)" != "$VER" ]; then
   src=$(fetch)
   mkdir -p "$(dirname "$share")"
