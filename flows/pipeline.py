@@ -38,6 +38,7 @@ from loraflow import handoff as handoff_io
 from loraflow.config import Params, Paths, load_params, stage_sections
 from loraflow.evaluation import METRICS
 from loraflow.io import sha256_file, sha256_tree
+from loraflow.parity import line as parity_line
 from steps import curate as curate_step
 from steps import evaluate as evaluate_step
 from steps import model_card as model_card_step
@@ -54,7 +55,7 @@ INPUTS: dict[str, Callable[[Paths, Params], list[Path]]] = {
     "train": lambda p, _: [p.validation / "report.json", p.curated],
     "evaluate": lambda p, params: [p.curated / "eval.jsonl", p.adapter,
                                    *(p.root / g for g in params.evaluate.guard_sets)],
-    "promote": lambda p, _: [p.eval / "metrics.json", p.adapter],
+    "promote": lambda p, _: [p.eval / "metrics.json", p.eval / "predictions.jsonl", p.adapter],
     "model_card": lambda p, _: [p.curated / "stats.json", p.adapter / "train_info.json", p.eval / "metrics.json",
                                 p.promotion / "decision.json"],
 }
@@ -245,7 +246,9 @@ def _decision_markdown(mode: str, decision: dict[str, Any], run: str) -> str:
     return (f"# Promotion decision for `{mode}`: **{decision['decision']}**\n\n{decision['reason']}\n\n"
             f"| | |\n|---|---|\n| registered model | `{decision.get('registered_model')}` |\n"
             f"| version | {decision.get('version')} |\n| aliases after | {decision.get('aliases_after')} |\n"
-            f"| flow run | {run} |\n")
+            f"| flow run | {run} |\n"
+            + "".join(f"| parity: {t} | {parity_line(t, r)} |\n"
+                      for t, r in ((decision.get("parity") or {}).get("targets") or {}).items()))
 
 
 @flow(name="loraflow", flow_run_name=run_name)

@@ -21,8 +21,24 @@ from loraflow.config import Paths, load_params, registered_model_name
 from loraflow.errors import LoraflowError
 
 
+def served_line(decision: dict[str, Any]) -> str:
+    """Which version serving uses after this decision, in words."""
+    champ = (decision.get("aliases_after") or {}).get("champion")
+    name, version = decision.get("registered_model"), decision.get("version")
+    if champ and version and champ == str(version):
+        return f"{name} v{champ} is champion: `loraflow serve` answers with it"
+    stays = f"champion stays {name} v{champ}" if champ else f"no champion yet: {name} modes are answered by the base model"
+    if decision.get("decision") == "reject":
+        cand = f"the candidate (v{version}, registered, no alias)" if version else "the candidate (not registered)"
+        return f"{stays}; {cand} is not served"
+    if decision.get("decision") == "challenger":
+        return f"{stays}; the candidate v{version} is challenger (a person decides in the MLflow UI)"
+    return stays
+
+
 def _report(params_file: str, overrides: list[str], mode: str | None, root: str) -> int:
     from loraflow.io import read_json
+    from loraflow.parity import line as parity_line
     from loraflow.tracking import tracking_uri
 
     params = load_params(params_file, overrides)
@@ -45,7 +61,15 @@ def _report(params_file: str, overrides: list[str], mode: str | None, root: str)
                       if "stop_rate" in d and "loop_rate" in d else "")
             print(f"  {name:<10} {s[m]['mean']:.4f}  [{s[m]['ci_low']:.4f}, {s[m]['ci_high']:.4f}]{health}")
     print(f"decision:  {decision.get('decision')} — {decision.get('reason')}")
-    print(f"registry:  {uri}  model {registered_model_name(mode)} v{decision.get('version')}, aliases {decision.get('aliases_after')}")
+    print(f"served:    {served_line(decision)}")
+    par = decision.get("parity")
+    if par:
+        print(f"parity:    v{par['version']} replayed the {par['prompts']} eval prompts greedily on each serving target "
+              f"({par['seconds']:.0f} s):")
+        for target, r in par["targets"].items():
+            print(f"  {parity_line(target, r)}")
+    print(f"registry:  {uri}  model {registered_model_name(mode)}"
+          + (f" v{decision['version']}" if decision.get("version") else "") + f", aliases {decision.get('aliases_after')}")
     print(f"metrics:   {p.eval / 'metrics.json'} (per-example answers: {p.eval / 'predictions.jsonl'})")
     print(f"card:      {p.card}")
     print(f"adapter:   {p.adapter}")

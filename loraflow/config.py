@@ -26,8 +26,12 @@ SHARED = ("base", "generate", "export")  # sections that are not a step's own (e
 
 def stage_sections(step: str) -> tuple[str, ...]:
     """The params sections a step reads (its DVC stage's `params`, its Prefect cache key): base + its own;
-    train also writes `generate` into the adapter (generation_config.json), so a decoding change retrains."""
-    return ("base", step, "generate") if step == "train" else ("base", step)
+    train also writes `generate` into the adapter (generation_config.json), so a decoding change retrains; promote's
+    parity gate scores with `evaluate`'s settings."""
+    if step == "train":
+        return ("base", step, "generate")
+    # promote's parity gate scores the served answers with evaluation's scorer
+    return ("base", "evaluate", step) if step == "promote" else ("base", step)
 
 
 class _Section(BaseModel):
@@ -237,6 +241,26 @@ class EvaluateParams(_Section):
     judge_model: str | None = None  # pairwise LLM-as-judge (a model spec); off by default: a judge must be strong to help
 
 
+class ParityTolerance(_Section):
+    """What one serving target must reproduce of the evaluated answers (None = not checked)."""
+
+    min_identical: float | None = Field(None, ge=0, le=1)  # share of answers identical to the evaluated ones
+    min_token_agreement: float | None = Field(None, ge=0, le=1)  # mean shared-prefix share of the answers' tokens
+    max_rouge_drop: float | None = Field(0.02, ge=0)  # served ROUGE-L mean may fall at most this below the evaluated
+    max_stop_drop: float | None = Field(0.05, ge=0, le=1)  # share ending their turn: at most this below the evaluated
+
+
+class ParityParams(_Section):
+    """The parity gate: before any alias moves, the candidate answers the pinned eval prompts greedily the way
+    each serving target loads it, and must answer as it did in evaluation (loraflow.parity)."""
+
+    targets: list[Literal["server", "mlflow", "merged"]] = Field(default_factory=lambda: ["server", "mlflow", "merged"])
+    server: ParityTolerance = ParityTolerance(min_identical=1.0, min_token_agreement=1.0)
+    mlflow: ParityTolerance = ParityTolerance(min_identical=1.0, min_token_agreement=1.0)
+    merged: ParityTolerance = ParityTolerance(min_token_agreement=0.99)
+    startup_timeout_s: float = Field(240.0, gt=0)  # `mlflow models serve` must answer /ping within this
+
+
 class PromoteParams(_Section):
     policy: Literal["auto", "manual"] = "auto"  # manual: only ever set `challenger`; a person moves `champion`
     primary_metric: Literal["rouge1", "rouge2", "rougeL", "bertscore"] = "rougeL"
@@ -251,6 +275,7 @@ class PromoteParams(_Section):
     max_loop_rate: float | None = Field(0.2, ge=0, le=1)  # share of answers repeating a word 4-gram 3+ times
     # and on every set (eval + guard sets) no worse than the reference by more than this; None = off
     degeneration_tolerance: float | None = Field(0.1, ge=0, le=1)
+    parity: ParityParams = ParityParams()
 
     @field_validator("guards")
     @classmethod

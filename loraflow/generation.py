@@ -11,7 +11,11 @@
   mask learns to write them, the validation gate checks the template writes them, and evaluate, the pyfunc model
   and the server's engine (batched, streamed and merged) stop at them.
 - **The generate loop.** `generate_detailed` is the one batched greedy loop (evaluate, the pyfunc model, the
-  benches); the server's engine schedules its own batches with the same two functions above.
+  benches); the server's engine schedules its own batches with the same functions (`generate_kwargs`,
+  `end_of_turn_ids`, `call_kwargs`).
+- **Batches answer as rows alone.** transformers' repetition_penalty and no_repeat_ngram_size count every token
+  of input_ids, a row's left padding included (the pad token is often the eos, or SmolLM2's end of turn), so
+  a row's answer could depend on the batch it landed in. `call_kwargs` applies them to each row's own tokens.
 """
 
 from __future__ import annotations
@@ -63,6 +67,43 @@ def generate_kwargs(gp: GenerateParams, *, greedy: bool = False, max_new_tokens:
     else:
         kw["do_sample"] = False
     return kw
+
+
+def call_kwargs(kwargs: dict[str, Any], attention_mask) -> dict[str, Any]:
+    """generate()'s arguments for `kwargs` (generate_kwargs' settings) on a left-padded batch whose
+    `attention_mask` marks the padding: the anti-repetition settings become one logits processor that applies
+    transformers' own two processors to each row's tokens without its padding (so a row answers as it would
+    alone), and generate() gets the neutral values, so a model's generation_config.json cannot add its own."""
+    kw = dict(kwargs)
+    penalty, ngram = float(kw.pop("repetition_penalty", 1.0)), int(kw.pop("no_repeat_ngram_size", 0))
+    kw.update(repetition_penalty=1.0, no_repeat_ngram_size=0)
+    if penalty != 1.0 or ngram:
+        from transformers import LogitsProcessorList
+
+        pads = (attention_mask == 0).sum(dim=1).tolist()  # left padding: a row's pads are its first tokens
+        kw["logits_processor"] = LogitsProcessorList([_OwnTokens(pads, penalty, ngram)])
+    return kw
+
+
+class _OwnTokens:
+    """transformers' RepetitionPenalty and NoRepeatNGram logits processors, each row seeing only its own tokens.
+    Run where generate() runs its own (before temperature / top-p), so sampling is affected as before."""
+
+    def __init__(self, pads: list[int], penalty: float, ngram: int):
+        from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+        self.pads = pads
+        self.inner = ([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else []) + (
+            [NoRepeatNGramLogitsProcessor(ngram)] if ngram else [])
+
+    def __call__(self, input_ids, scores):
+        out = scores.clone()
+        for r, pad in enumerate(self.pads):
+            row = scores[r:r + 1]
+            for p in self.inner:
+                row = p(input_ids[r:r + 1, pad:], row)
+            out[r] = row[0]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- end of turn
@@ -150,7 +191,8 @@ def generate_detailed(model, tok, prompts: list[list[dict]], gp: GenerateParams,
         idx = order[start:start + batch_size]
         enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
-            out = model.generate(**enc, **kwargs, pad_token_id=tok.pad_token_id, eos_token_id=stop_ids)
+            out = model.generate(**enc, **call_kwargs(kwargs, enc["attention_mask"]), pad_token_id=tok.pad_token_id,
+                                 eos_token_id=stop_ids)
         for row, i in zip(out[:, enc["input_ids"].shape[1]:].tolist(), idx, strict=True):
             # Finished rows are padded to the batch's longest answer: cut at the first end-of-turn.
             end = next((k for k, x in enumerate(row) if x in stops), None)

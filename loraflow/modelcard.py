@@ -40,6 +40,29 @@ def _degeneration_table(metrics: dict) -> str:
             + "\n".join(f"| {' | '.join(r)} |" for r in [head, ["---"] * len(head), *rows]) + "\n")
 
 
+def _parity_table(par: dict | None) -> str:
+    """"Served as evaluated": the parity gate's replay of the eval prompts on each serving target."""
+    if not par:
+        return "Served as evaluated: not checked (promote.parity.targets is empty, or the candidate was not registered).\n"
+    rows = []
+    for t, r in par["targets"].items():
+        if r.get("error"):
+            rows.append(f"| {t} | — | — | — | — | failed to run: {r['error'][:200]} |")
+            continue
+        stop = (r.get("stop_rate") or {}).get("served")
+        d = r["rougeL"]["diff"] or {}
+        rows.append(f"| {t} ({r['where']}) | {r['identical']}/{r['n']} | {r['token_agreement']:.1%} | "
+                    f"{r['rougeL']['served']:.4f} vs {r['rougeL']['evaluated']:.4f} "
+                    f"[{d.get('ci_low', 0):+.4f}, {d.get('ci_high', 0):+.4f}] | "
+                    f"{'—' if stop is None else f'{stop:.0%}'} | {'ok' if r['passed'] else 'FAILED: ' + '; '.join(r['failures'])} |")
+    return ("### Served as evaluated\n"
+            f"Before any alias moved, v{par['version']} answered the {par['prompts']} eval prompts greedily on each "
+            "serving target; its answers are compared with the evaluated ones (token agreement: share of tokens up to "
+            "the first difference; ROUGE-L against the references, paired interval of served − evaluated).\n\n"
+            "| target | identical | token agreement | ROUGE-L served vs evaluated [paired CI] | ended their turn | gate |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def _documents(stats: dict) -> str:
     """The documents read (PDF, Word, web pages...): pages, sections and what became of them; and the pairs a
     teacher model wrote from them, where one was asked (curate.teacher)."""
@@ -143,6 +166,7 @@ ROUGE tokenizer: {metrics['scoring']['rouge_tokenizer']}. BERTScore encoder: `{m
 ## Promotion decision
 **{decision['decision']}** — {decision['reason']}
 
+{_parity_table(decision.get('parity'))}
 ## Limitations
 - The eval set is small ({metrics['eval_set']['size']} examples): look at the intervals, not only the means.
 - ROUGE and BERTScore measure overlap with reference answers, not correctness; read `predictions.jsonl`.

@@ -210,11 +210,17 @@ def version_tags(params: Params, adapter_dir: Path, mode: str, info: dict, metri
 
 def register(params: Params, mode: str, adapter_dir: Path, metrics: dict, decision: Decision) -> dict[str, Any]:
     """Create (or reuse) the registry version for this adapter and move aliases as decided."""
+    version = register_version(params, mode, adapter_dir, metrics, decision)
+    return move(params, mode, version, metrics, decision)
+
+
+def register_version(params: Params, mode: str, adapter_dir: Path, metrics: dict, decision: Decision) -> str:
+    """Create (or reuse: one version per adapter content hash) the version and tag it with its evidence; no
+    alias moves (steps/promote.py checks parity on it first). Returns the version."""
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
 
-    from loraflow.pyfunc import AdapterModel
+    from loraflow.pyfunc import AdapterModel, signature
 
     name = registered_model_name(mode)
     tracking.setup(params, mode)
@@ -232,21 +238,51 @@ def register(params: Params, mode: str, adapter_dir: Path, metrics: dict, decisi
         version = str(existing[0].version)
         log.info("registry: adapter %s already registered as %s v%s", sha[:12], name, version)
     else:
-        signature = infer_signature(["What is retail media?"], ["An answer."],
-                                    params={"max_new_tokens": generation.load(adapter_dir, params.generate).max_new_tokens})
         with mlflow.start_run(run_id=info["mlflow_run_id"]):
             model_info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=AdapterModel(),
                 artifacts={"adapter": str(adapter_dir)},
-                model_config={"base_model": params.base.model, "model_cache": params.base.model_cache},
-                signature=signature,
+                model_config={"base_model": params.base.model, "model_cache": params.base.model_cache,
+                              "batch_size": params.evaluate.batch_size},
+                signature=signature(generation.load(adapter_dir, params.generate).max_new_tokens),
                 pip_requirements=["loraflow", "torch", "transformers", "peft", "mlflow"],
                 registered_model_name=name,
             )
         version = str(model_info.registered_model_version)
     for k, v in version_tags(params, Path(adapter_dir), mode, info, metrics, decision).items():
         client.set_model_version_tag(name, version, k, v)
+    return version
+
+
+def set_tags(params: Params, mode: str, version: str, tags: dict[str, str]) -> None:
+    import mlflow
+
+    tracking.setup(params, mode)
+    client = mlflow.MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(registered_model_name(mode), version, k, v)
+
+
+def current_aliases(params: Params, mode: str) -> dict[str, str]:
+    """The mode's aliases now ({} when the registered model does not exist yet)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    tracking.setup(params, mode)
+    try:
+        return aliases(mlflow.MlflowClient(), registered_model_name(mode))
+    except MlflowException:
+        return {}
+
+
+def move(params: Params, mode: str, version: str, metrics: dict, decision: Decision) -> dict[str, Any]:
+    """Move the aliases as decided (under the registry lock) and record the outcome on the version."""
+    import mlflow
+
+    name = registered_model_name(mode)
+    tracking.setup(params, mode)
+    client = mlflow.MlflowClient()
     with alias_lock(client, name):
         note = move_aliases(client, name, version, metrics, decision, params.promote.min_delta)
     client.set_model_version_tag(name, version, "alias_outcome", note)

@@ -61,6 +61,8 @@ SHRUNK = [
     "promote.min_stop_rate=null",
     "promote.max_loop_rate=null",
     "promote.degeneration_tolerance=null",
+    # the in-process serving targets; `mlflow models serve` (a process start) is replayed in tests/test_pipeline.py
+    "promote.parity.targets=[server,merged]",
 ]
 
 

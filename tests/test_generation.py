@@ -28,12 +28,14 @@ TEMPLATES = {
 }
 
 
-def _tokenizer(name: str):
+def _tokenizer(name: str, words: tuple[str, ...] = ()):
+    """A word-level tokenizer for template `name`: the words its templates and the probe need, plus `words`."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials, eos, bos, _, template = TEMPLATES[name]
-    words = ["<unk>", "user", "assistant", "model", "hi", "loraflow-end-of-turn-probe"]
+    words = list(dict.fromkeys(["<unk>", "system", "user", "assistant", "model", "hi", "loraflow-end-of-turn-probe",
+                                *words]))
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.add_special_tokens(specials)
@@ -100,3 +102,45 @@ def test_server_engine_stops_at_the_end_of_turn_evaluation_stops_at(name, monkey
         assert job.done and out["finish_reason"] == "stop" and out["completion_tokens"] == 0
     finally:
         eng.close()
+
+
+def test_pyfunc_input_is_prompts_or_conversations_and_bad_records_are_named():
+    import pandas as pd
+
+    from loraflow.pyfunc import PyfuncInputError, conversations
+
+    conv = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    user = [{"role": "user", "content": "q"}]
+    assert conversations(["q", conv]) == [user, conv]
+    assert conversations("q") == [user]
+    assert conversations([{"messages": conv}]) == [conv] == conversations({"messages": conv})
+    assert conversations(pd.DataFrame({"messages": [conv, user]})) == [conv, user]
+    assert conversations(pd.DataFrame({0: ["q"]})) == [user]  # the string signature's unnamed column
+    for bad in ([[]], [[{"role": "user"}]], [3], [{"role": "user", "content": "q"}]):
+        with pytest.raises(PyfuncInputError, match="record 0: field 'messages'"):
+            conversations(bad)
+
+
+def test_anti_repetition_counts_a_rows_own_tokens_not_its_left_padding():
+    """transformers' processors penalise the pad token of a left-padded row (often the eos); call_kwargs' one
+    applies them to the row's own tokens, as for the row alone, and leaves unpadded rows exactly as they were."""
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    pad = 0
+    rows = torch.tensor([[pad, pad, 5, 6, 5], [3, 4, 5, 6, 7]])
+    mask = (torch.arange(5) >= torch.tensor([[2], [0]])).long()
+    scores = torch.randn(2, 10).abs() + 1
+    kw = generation.call_kwargs({"do_sample": False, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2}, mask)
+    assert kw["repetition_penalty"] == 1.0 and kw["no_repeat_ngram_size"] == 0  # the model's own config adds none
+    out = kw["logits_processor"](rows, scores)
+
+    def alone(ids, row_scores):
+        for p in (RepetitionPenaltyLogitsProcessor(1.5), NoRepeatNGramLogitsProcessor(2)):
+            row_scores = p(ids, row_scores)
+        return row_scores
+
+    assert torch.equal(out[0], alone(rows[:1, 2:], scores[:1])[0])  # as if the row had no padding
+    assert torch.equal(out[1], alone(rows[1:], scores[1:])[0])
+    assert out[0, pad] == scores[0, pad] != alone(rows[:1], scores[:1])[0, pad]  # the stock way penalised the pad
+    assert "logits_processor" not in generation.call_kwargs({"do_sample": False}, mask)

@@ -34,7 +34,8 @@ def _registry(project: Path):
 
 
 def test_loraflow_run_end_to_end_through_prefect(project, tracking):
-    sets = [a for o in SHRUNK + tracking for a in ("-S", o)]
+    every_target = "promote.parity.targets=[server,mlflow,merged]"  # mlflow: a real `mlflow models serve`
+    sets = [a for o in [*SHRUNK, *tracking, every_target] for a in ("-S", o)]
     r = _run([str(BIN / "loraflow"), "run", "--mode", MODE, *sets], project)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "Flow run" in r.stdout + r.stderr and "Completed" in r.stdout + r.stderr  # it ran under Prefect
@@ -63,6 +64,17 @@ def test_loraflow_run_end_to_end_through_prefect(project, tracking):
     client = _registry(project)
     mv = client.get_model_version_by_alias(f"loraflow-{MODE}", "champion")
     assert str(mv.version) == decision["version"] and mv.tags["adapter_sha256"] == info["adapter_sha256"]
+    # parity: every serving target answered the 6 eval prompts as evaluation did, before the alias moved
+    par = decision["parity"]
+    assert par["passed"] and set(par["targets"]) == {"server", "mlflow", "merged"}, par
+    for target in ("server", "mlflow"):
+        assert par["targets"][target]["identical"] == 6, par["targets"][target]
+    assert par["targets"]["merged"]["token_agreement"] >= 0.99
+    assert mv.tags["parity"] == "passed" and mv.tags["parity.mlflow.identical"] == "6/6"
+    report = _run([str(BIN / "loraflow"), "report", "--mode", MODE, *sets], project)
+    assert report.returncode == 0, report.stderr
+    assert "server: 6/6 identical" in report.stdout and "mlflow: 6/6 identical" in report.stdout
+    assert f"v{decision['version']} is champion" in report.stdout
 
     from huggingface_hub import ModelCard
 

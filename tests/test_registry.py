@@ -74,7 +74,9 @@ def params(tmp_path, monkeypatch, empty_db):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # no dvc.lock above the stand-in adapters unless a test writes one
     shutil.copy(empty_db, tmp_path / "mlflow.db")
-    return load_params(ROOT / "params.yaml", [f"base.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    # Stand-in adapters and metrics: the registry's logic, not parity (tests/test_parity.py replays real answers).
+    return load_params(ROOT / "params.yaml", [f"base.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                                              "promote.parity.targets=[]"])
 
 
 @pytest.fixture
@@ -181,7 +183,7 @@ from pathlib import Path
 from loraflow.config import load_params
 from steps import promote
 import mlflow.pyfunc  # imported before the barrier, so both start registering at the same moment
-params = load_params(sys.argv[1], [f"base.tracking_uri={sys.argv[2]}"])
+params = load_params(sys.argv[1], [f"base.tracking_uri={sys.argv[2]}", "promote.parity.targets=[]"])
 barrier = Path(sys.argv[5])
 (barrier / Path(sys.argv[3]).parent.name).touch()
 while len(list(barrier.iterdir())) < 2:

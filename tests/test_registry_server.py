@@ -79,12 +79,14 @@ def lora_adapter(params, folder: Path, run_id: str) -> Path:
 
 def test_promote_against_a_tracking_server_and_generate_with_the_champion(mlflow_server, tmp_path, monkeypatch):
     import mlflow
+    import pandas as pd
 
     from loraflow import tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    params = load_params(ROOT / "params.yaml", [f"base.tracking_uri={mlflow_server}"])
+    # a stand-in adapter and metrics (no predictions.jsonl): the registry over REST, not parity
+    params = load_params(ROOT / "params.yaml", [f"base.tracking_uri={mlflow_server}", "promote.parity.targets=[]"])
     exp = tracking.setup(params, MODE)
     with mlflow.start_run(experiment_id=exp) as run:
         pass
@@ -99,7 +101,8 @@ def test_promote_against_a_tracking_server_and_generate_with_the_champion(mlflow
     assert again["version"] == out["version"]  # idempotent over REST too
 
     model = mlflow.pyfunc.load_model(f"models:/loraflow-{MODE}@champion")
-    short, = model.predict(["What is the capital of France?"], params={"max_new_tokens": 3})
-    longer, = model.predict(["What is the capital of France?"], params={"max_new_tokens": 24})
+    short, = model.predict(pd.DataFrame({"prompt": ["What is the capital of France?"]}), params={"max_new_tokens": 3})
+    longer, = model.predict(pd.DataFrame({"messages": [[{"role": "user", "content": "What is the capital of France?"}]]}),
+                            params={"max_new_tokens": 24})
     assert short.strip() and len(longer) > len(short) and longer.startswith(short.strip()[:3])
     assert (tmp_path / "srv-artifacts").exists()  # artifacts went through the server, not a local folder

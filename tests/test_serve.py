@@ -498,3 +498,47 @@ def test_preference_pairs_posted_to_the_server_train_dpo_with_method_auto(env, t
     info = read_json(root / "data" / "adapters" / "alpha" / "train_info.json")
     assert info["method"] == "auto" and [s["stage"] for s in info["stages"]] == ["sft", "dpo"]
     assert info["pref_records"] == 3 and "3 preference pairs >= train.dpo_min_pairs 3" in info["method_reason"]
+
+
+def test_a_worse_candidate_leaves_the_champion_and_the_served_answers_and_health_and_report_say_so(env, capsys):
+    """A loop round whose candidate is worse than the champion: promote rejects it (the real step, against the
+    registry the server polls), the mode keeps answering with the same version and the same words, and both
+    /health and `loraflow report` say which version stays champion and why."""
+    from loraflow.cli import main as cli_main
+    from loraflow.io import sha256_file, write_json
+    from steps import promote
+    from tests.test_registry import summary
+
+    root, params, url = env["root"], env["params"], env["url"]
+    before = chat(url, "alpha", max_tokens=12)
+    assert before["version"] == "1"
+
+    import mlflow
+
+    from loraflow import tracking
+    with mlflow.start_run(experiment_id=tracking.setup(params, "alpha")) as run:
+        pass
+    worse = make_adapter(params, root / "adapters" / "alpha-worse", seed=21)
+    write_json(worse / "train_info.json", {"adapter_sha256": sha256_file(worse / "adapter_model.safetensors"),
+                                          "mlflow_run_id": run.info.run_id})
+    ev = root / "data" / "eval" / "alpha"
+    write_json(ev / "metrics.json", {
+        "eval_set": {"path": "eval.jsonl", "sha256": "e" * 64, "size": 6}, "base": summary(0.2),
+        "champion": summary(0.40), "champion_version": "1", "candidate": summary(0.15), "deltas": {}})
+    out = promote.run(params, "alpha", ev / "metrics.json", worse, root / "data" / "promotion" / "alpha")
+    assert out["decision"] == "reject" and out["aliases_after"]["champion"] == "1" and out["version"] is None
+
+    httpx.post(f"{url}/adapters/reload", timeout=60)
+    after = chat(url, "alpha", max_tokens=12)
+    assert after["version"] == "1" and after["answer"] == before["answer"]
+    last = httpx.get(f"{url}/health").json()["modes"]["alpha"]["last_outcome"]
+    assert last["decision"] == "reject" and last["champion_after"] == "1" and "champion" in last["reason"]
+
+    assert cli_main(["report", "--mode", "alpha", "--root", str(root), "--params", str(root / "params.yaml"),
+                     "-S", params_override(params)]) == 0
+    printed = capsys.readouterr().out
+    assert "champion stays loraflow-alpha v1; the candidate (not registered) is not served" in printed
+
+
+def params_override(params) -> str:
+    return f"base.tracking_uri={params.base.tracking_uri}"

@@ -151,6 +151,15 @@ class AdapterCache:
         self._collect()
         return ad, None
 
+    def pin_version(self, mode: str, version: str) -> Adapter:
+        """A registered version that need not be champion, loaded as a mode's champion is and pinned until
+        release(), then unloaded (the parity gate replays a candidate through the engine with it)."""
+        ad = self._load(mode, version)
+        ad.refs = 1
+        with self.state:
+            self.retired.append(ad)
+        return ad
+
     def _pin(self, key: tuple[str, str]) -> Adapter | None:
         ad = self.loaded.get(key)
         if ad is not None:

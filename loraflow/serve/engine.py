@@ -64,6 +64,11 @@ class Engine:
         self.base = load_causal_lm(self.model_path, trust_remote_code=params.base.trust_remote_code).eval()
         # Every path (batched, streamed, merged) stops where evaluate stopped: the one end-of-turn rule.
         self.stop_ids = generation.end_of_turn_ids(self.tok, self.base)
+        # "__base__" rows (no mode, an unknown mode, a failed adapter) decode with this project's params.yaml
+        # `generate`: the section train writes into each adapter's generation_config.json, which evaluate uses for
+        # the base model too. So the served base matches the evaluated one while params.yaml's `generate` is the
+        # one the champion was trained under (DVC retrains on a change); /health shows it to compare.
+        self.base_gen = params.generate
         self.peft = None  # the PeftModel wrapping self.base, from the first adapter load on
         self.gen_lock = threading.Lock()  # the shared model: one batch at a time, no adapter (un)loads during one
         self.tok_lock = threading.Lock()  # fast tokenizers fail ("Already borrowed") when used by two threads
@@ -115,7 +120,7 @@ class Engine:
         the adapter's own settings (its generation_config.json; the server's params.yaml `generate` for the base
         model), as vLLM does with a model's generation config."""
         prompt = self.encode(messages)["input_ids"][0].tolist()
-        gp = ad.gen if ad is not None and ad.gen is not None else self.params.generate
+        gp = ad.gen if ad is not None and ad.gen is not None else self.base_gen
         kwargs = generation.generate_kwargs(gp, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p)
         kwargs.pop("max_new_tokens")
         job = Job(ad, prompt, max_tokens, kwargs, streamer, cancelled)
@@ -169,7 +174,7 @@ class Engine:
                 return torch.tensor([j.done or (j.cancelled is not None and j.cancelled.is_set()) for j in jobs],
                                     dtype=torch.bool, device=input_ids.device)
 
-        kwargs: dict[str, Any] = {**jobs[0].kwargs, "max_new_tokens": max(j.max_tokens for j in jobs),
+        kwargs: dict[str, Any] = {**generation.call_kwargs(jobs[0].kwargs, mask), "max_new_tokens": max(j.max_tokens for j in jobs),
                                   "pad_token_id": pad, "eos_token_id": stops, "streamer": _Rows(jobs, stops),
                                   "stopping_criteria": StoppingCriteriaList([_RowsDone()])}
         with self.gen_lock:
@@ -188,12 +193,12 @@ class Engine:
         import torch
 
         ad, stops = job.ad, self.stop_ids
+        mask = torch.ones(1, len(job.prompt), dtype=torch.long, device=self.device)
         with ad.merged_lock, torch.inference_mode():
             started = time.perf_counter()
             ad.merged.generate(input_ids=torch.tensor([job.prompt], device=self.device), max_new_tokens=job.max_tokens,
-                               attention_mask=torch.ones(1, len(job.prompt), dtype=torch.long, device=self.device),
-                               pad_token_id=self.tok.pad_token_id, eos_token_id=stops, streamer=_Rows([job], stops),
-                               **job.kwargs)
+                               attention_mask=mask, pad_token_id=self.tok.pad_token_id, eos_token_id=stops,
+                               streamer=_Rows([job], stops), **generation.call_kwargs(job.kwargs, mask))
         job.future.set_result(self._result(job, started, 1))
 
     def _result(self, job: Job, started: float, batch_size: int) -> dict[str, Any]:
@@ -208,7 +213,8 @@ class Engine:
         h = self.adapters.health()
         with self._wake:
             waiting = len(self._queue)
-        return {"status": h.pop("status"), "base_model": self.params.base.model, "device": self.device, **h,
+        return {"status": h.pop("status"), "base_model": self.params.base.model, "device": self.device,
+                "base_generation": self.base_gen.model_dump(), **h,
                 "batches": {**self.batches, "waiting": waiting}}
 
 

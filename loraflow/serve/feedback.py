@@ -110,5 +110,24 @@ class FeedbackSink:
             for mode, st in self.state.items():
                 run = self.runs.get(mode)
                 proc = (run or {}).get("process")
-                out[mode] = {**st, "run_exit_code": None if proc is None else proc.poll()}
+                out[mode] = {**st, "run_exit_code": None if proc is None else proc.poll(),
+                             "last_outcome": last_outcome(Path(self.settings.root), mode)}
             return out
+
+
+def last_outcome(root: Path, mode: str) -> dict[str, Any] | None:
+    """The mode's last pipeline decision (data/promotion/<mode>/decision.json): what it decided, why, and which
+    version serves since; None before the first run."""
+    import datetime as dt
+
+    from loraflow.io import read_json
+
+    path = root / "data" / "promotion" / mode / "decision.json"
+    try:
+        d = read_json(path)
+        at = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
+    except (OSError, ValueError):
+        return None
+    champion = (d.get("aliases_after") or {}).get("champion")
+    return {"decision": d.get("decision"), "reason": d.get("reason"), "candidate_version": d.get("version"),
+            "champion_after": champion, "parity": (d.get("parity") or {}).get("passed"), "decided_at": at}

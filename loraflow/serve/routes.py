@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
@@ -22,7 +23,7 @@ from loraflow.config import Params, registered_model_name
 from loraflow.serve import auth
 from loraflow.serve.adapters import Adapter
 from loraflow.serve.engine import Engine, TokenStream
-from loraflow.serve.feedback import FeedbackSink
+from loraflow.serve.feedback import FeedbackSink, last_outcome
 from loraflow.serve.settings import ServeSettings
 
 log = logging.getLogger("loraflow.serve")
@@ -171,6 +172,9 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
         h = engine.health()
         if settings.keys and request.state.key is None:  # liveness for anyone; the details for key holders
             return {"status": h["status"]}
+        # each mode's last pipeline decision (the loop's outcome: promoted, or rejected and which version stays)
+        for mode, m in h.get("modes", {}).items():
+            m["last_outcome"] = last_outcome(Path(settings.root), mode)
         return {**h, "feedback": sink.status()}
 
     @app.post("/chat")
