@@ -301,6 +301,9 @@ class ExportParams(_Section):
     min_stop_rate: float | None = Field(0.8, ge=0, le=1)  # share of the export's answers that end their turn; None = off
     max_loop_rate: float | None = Field(0.2, ge=0, le=1)  # share of its answers that loop; None = off
     gguf_outtype: Literal["f16", "f32", "bf16", "q8_0"] = "f16"  # the LoRA GGUF's tensors (and a converted base's)
+    # shipped: an embedded base's own GGUF file (SmolLM2: Q4_1, 98 MB); convert: the base folder converted by
+    # llama.cpp at gguf_outtype (a float base drifts less from the evaluated answers, and is larger)
+    gguf_base: Literal["shipped", "convert"] = "shipped"
     threads: int | None = Field(None, ge=1)  # llama.cpp threads for the replay; None = llama-cpp-python's default
 
 

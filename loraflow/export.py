@@ -205,9 +205,9 @@ def convert_lora(adapter_dir: Path, base_hf: str, out_file: Path, outtype: str) 
 
 def base_gguf(params: Params, base_hf: str, folder: Path, outtype: str) -> Path:
     """The base model as a GGUF in `folder`: the file an embedded base ships as (hard-linked, else copied), or
-    the base folder converted by llama.cpp's convert_hf_to_gguf.py."""
+    the base folder converted by llama.cpp's convert_hf_to_gguf.py (any other base, or export.gguf_base: convert)."""
     shipped = models.embedded_gguf(params.base.model)
-    if shipped is not None:
+    if shipped is not None and params.export.gguf_base == "shipped":
         out = folder / shipped.name
         try:
             os.link(shipped, out)
