@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 from prefect.filesystems import LocalFileSystem
 from prefect.variables import Variable
 
-from loraflow import codedeps
+from loraflow import codedeps, runlock
 from loraflow import handoff as handoff_io
 from loraflow.config import Params, Paths, load_params, stage_sections
 from loraflow.evaluation import METRICS
@@ -172,16 +173,19 @@ def _load(mode: str, params_file: str, overrides: list[str] | None, root: str) -
 
 @flow(name="loraflow-train", flow_run_name=run_name)
 def train_flow(mode: str, params_file: str = "params.yaml", overrides: list[str] | None = None,
-               root: str = ".", refresh: bool = False, handoff: dict[str, str] | None = None) -> dict[str, Any]:
+               root: str = ".", refresh: bool = False, handoff: dict[str, Any] | None = None) -> dict[str, Any]:
     """Only the training step: deployed to the GPU work pool (prefect.yaml), started by `pipeline`.
 
     With `handoff` (from `pipeline` in another checkout: the DVC md5s of the validated data, the sha256 of
-    the validation report, the digest of the train params), the data comes from the DVC remote and the
-    adapter goes back to it; the flow run's `handoff-<mode>` artifact records what was trained where.
+    the validation report, the digest of the train params, the identity of its train step code), the data
+    comes from the DVC remote and the adapter goes back to it; the flow run's `handoff-<mode>` artifact records
+    what was trained where. A checkout whose train step code or train params differ from the controller's
+    refuses before pulling anything.
     """
     params, p = _load(mode, params_file, overrides, root)
     if handoff is None:
         return _step(train, params, p, refresh, result_storage(p))
+    code = handoff_io.check_code(handoff.get("code"))  # before anything is pulled: the controller's code, or refuse
     digest = params.digest(*stage_sections("train"))
     if digest != handoff["params_digest"]:
         raise ValueError(f"{p.root / params_file}: this checkout's train params (digest {digest}, with "
@@ -189,7 +193,8 @@ def train_flow(mode: str, params_file: str = "params.yaml", overrides: list[str]
                          "check out the controller's commit")
     handoff_io.pull_inputs(p, handoff)
     info = _step(train, params, p, refresh, result_storage(p))
-    record = handoff_io.push_adapter(params, p, info, handoff)
+    record = {**handoff_io.push_adapter(params, p, info, handoff), "code_sha256": code["code_sha256"],
+              "commit": code["commit"] or "", "dirty": ", ".join(code["dirty"])}
     create_table_artifact(key=_handoff_key(mode), table=[record],
                           description=f"The {mode} adapter this run trained, pushed to the DVC remote")
     return record
@@ -222,7 +227,8 @@ def _train_elsewhere(deployment: str, params: Params, p: Paths, params_file: str
     except ValueError:
         raise ValueError(f"{params_file}: outside the project {p.root}, so a worker in another checkout cannot "
                          "read it; keep the params file in the project (committed)") from None
-    sent = {**handoff_io.push_inputs(p), "params_digest": params.digest(*stage_sections("train"))}
+    sent = {**handoff_io.push_inputs(p), "params_digest": params.digest(*stage_sections("train")),
+            "code": handoff_io.code_identity()}
     fr = run_deployment(deployment, timeout=None, parameters={
         "mode": p.mode, "params_file": str(rel), "overrides": overrides, "refresh": refresh, "handoff": sent})
     if not fr.state or not fr.state.is_completed():
@@ -258,6 +264,14 @@ def pipeline(mode: str, params_file: str = "params.yaml", overrides: list[str] |
     from prefect.runtime import flow_run
 
     params, p = _load(mode, params_file, overrides, root)
+    # One run of a mode at a time (another flow run, `dvc repro`, the feedback trigger): refused, naming the holder.
+    with runlock.hold(p.root, mode, command=f"the loraflow flow, run {flow_run.name} ({' '.join(sys.argv)})"):
+        return _pipeline(params, p, params_file, overrides, train_deployment, refresh, flow_run.name)
+
+
+def _pipeline(params: Params, p: Paths, params_file: str, overrides: list[str] | None, train_deployment: str | None,
+              refresh: bool, run: str) -> dict[str, Any]:
+    mode = p.mode
     raw_hash = content_hash(p.raw)  # before curating: the data this run trained on
     storage = result_storage(p)
     _step(curate, params, p, refresh, storage)
@@ -275,9 +289,9 @@ def pipeline(mode: str, params_file: str = "params.yaml", overrides: list[str] |
     m = params.promote.primary_metric
     create_table_artifact(key=f"eval-{slug}", table=_eval_table(metrics),
                           description=f"Held-out scores for {mode} (mean [CI]); {metrics['eval_set']['size']} conversations")
-    create_markdown_artifact(key=f"promotion-{slug}", markdown=_decision_markdown(mode, decision, flow_run.name),
+    create_markdown_artifact(key=f"promotion-{slug}", markdown=_decision_markdown(mode, decision, run),
                              description=f"Promotion decision for {mode}")
-    Variable.set(raw_variable(mode), {"raw_hash": raw_hash, "flow_run": flow_run.name}, overwrite=True)
+    Variable.set(raw_variable(mode), {"raw_hash": raw_hash, "flow_run": run}, overwrite=True)
     return {"mode": mode, "decision": decision["decision"], "version": decision["version"],
             f"base_{m}": metrics["base"][m]["mean"], f"candidate_{m}": metrics["candidate"][m]["mean"]}
 

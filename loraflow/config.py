@@ -210,6 +210,17 @@ class TrainParams(_Section):
     dpo_max_steps: int = -1  # > 0 overrides dpo_epochs
     system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) sampled during training
     metrics_flush_every: int = Field(20, ge=1)  # buffered training metrics are sent to MLflow in one call every N logs
+    # Warm start (loraflow/warm_start.py): champion = continue the registry champion's adapter on the records it has
+    # not trained on plus a replay sample of those it has (from scratch, with the reason in train_info.json, when
+    # there is no usable champion); off = a fresh LoRA on everything. `loraflow serve -S train.warm_start=champion`
+    # gives it to the runs that feedback starts.
+    warm_start: Literal["off", "champion"] = "off"
+    replay_fraction: float = Field(0.25, ge=0, le=1)  # warm start: share of the champion's old records trained again
+
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _off_is_not_false(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` (params.yaml, -S train.warm_start=off) as false
 
 
 class GenerateParams(_Section):

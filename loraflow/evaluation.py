@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow import degeneration, generation, models, tracking
-from loraflow.config import EvaluateParams, GenerateParams, Params, registered_model_name
+from loraflow.config import EvaluateParams, GenerateParams, Params
 from loraflow.errors import EvalSetError
 from loraflow.generation import Generated
 from loraflow.io import read_jsonl, sha256_file
@@ -70,25 +70,6 @@ def load_eval_set(path: Path, max_examples: int | None) -> EvalSet:
 
 # ---------------------------------------------------------------------------------------------- answering
 
-def champion_adapter(params: Params, mode: str, dest: Path) -> tuple[str | None, Path | None]:
-    """Download the registry's current champion adapter, if any. Returns (version, folder)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    tracking.setup(params, mode)
-    name = registered_model_name(mode)
-    client = mlflow.MlflowClient()
-    try:
-        mv = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        return None, None
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dest)))
-    found = next(iter(sorted(local.rglob("adapter_config.json"))), None)
-    if found is None:
-        raise FileNotFoundError(f"champion {name} v{mv.version} holds no adapter_config.json under {local}")
-    return str(mv.version), found.parent
-
-
 def answer_every_model(params: Params, mode: str, model, tok, adapter_dir: Path, prompts: list[list[dict]],
                        gp: GenerateParams, stop_ids: list[int]) -> tuple[dict[str, Generated], str | None, Any]:
     """The base model, the champion (when the registry has one) and the candidate adapter each answer every
@@ -101,7 +82,7 @@ def answer_every_model(params: Params, mode: str, model, tok, adapter_dir: Path,
     gens: dict[str, Generated] = {"base": gen()}
     with tempfile.TemporaryDirectory(prefix="loraflow-champion-") as tmp:
         model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="candidate")
-        champ_version, champ_dir = champion_adapter(params, mode, Path(tmp))
+        champ_version, champ_dir = tracking.champion_adapter(params, mode, Path(tmp))
         if champ_dir is not None:
             model.load_adapter(str(champ_dir), adapter_name="champion")
             model.set_adapter("champion")

@@ -19,6 +19,7 @@ checkout has no dvc.lock naming the sender's hashes. The md5 is DVC's own (`<hex
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from loraflow import tracking
+from loraflow import codedeps, tracking
 from loraflow.config import Params, Paths
 from loraflow.io import atomic_dir, read_json, sha256_file, sha256_tree
 
@@ -41,6 +42,60 @@ TRAIN_STEP = Path(__file__).resolve().parents[1] / "steps" / "train.py"
 
 class HandoffError(RuntimeError):
     """A folder could not be pushed or pulled, or what arrived is not what was sent."""
+
+
+# ---- the code that trains: the controller's and the worker's must be the same ------------------------------
+
+def _git_out(root: Path, *args: str) -> str | None:
+    try:
+        r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def code_identity(root: Path | None = None) -> dict[str, Any]:
+    """What a checkout's train step runs: the sha256 of every project module in its import closure
+    (loraflow.codedeps, the files dvc.yaml lists as the train stage's code deps), their combined hash, and
+    the git commit with the closure's files that differ from it ("dirty"). The hash decides: two clones of
+    one commit have different commit ids but the same code, and a dirty tree is different code at one commit."""
+    root = Path(root) if root is not None else TRAIN_STEP.parents[1]
+    files = {f: sha256_file(root / f) for f in codedeps.step_modules("train", root)}
+    h = hashlib.sha256()
+    for f, sha in sorted(files.items()):
+        h.update(f"{f}\0{sha}\n".encode())
+    commit = (_git_out(root, "rev-parse", "HEAD") or "").strip() or None
+    status = _git_out(root, "status", "--porcelain", "--", *files) if commit else None
+    dirty = sorted(line[3:] for line in (status or "").splitlines() if line.strip())  # "XY path"
+    return {"code_sha256": h.hexdigest(), "files": files, "commit": commit, "dirty": dirty,
+            "checkout": str(root), "host": socket.gethostname()}
+
+
+def _describe(ident: dict[str, Any]) -> str:
+    commit = ident.get("commit")
+    where = f"commit {commit[:12]}" if commit else "no git commit"
+    if ident.get("dirty"):
+        where += f" dirty ({', '.join(ident['dirty'])})"
+    return f"{where} in {ident.get('host')}:{ident.get('checkout')}"
+
+
+def check_code(sent: dict[str, Any] | None, root: Path | None = None) -> dict[str, Any]:
+    """Worker: refuse to train unless this checkout's train step code is the controller's (`sent`, its
+    code_identity()). Returns this checkout's identity. Raises HandoffError naming both commits, whether
+    each is dirty, and the files that differ."""
+    mine = code_identity(root)
+    if not sent or "code_sha256" not in sent:
+        raise HandoffError(f"the controller sent no identity of its train step code, so this worker ({_describe(mine)}) "
+                           "cannot tell whether it would train with the same code: update the controller's checkout")
+    if sent["code_sha256"] == mine["code_sha256"]:
+        return mine
+    theirs, ours = sent.get("files") or {}, mine["files"]
+    diff = [f"{f} ({'only on the controller' if f not in ours else 'only on this worker' if f not in theirs else 'differs'})"
+            for f in sorted(set(theirs) | set(ours)) if theirs.get(f) != ours.get(f)]
+    raise HandoffError(
+        f"this worker's train step code differs from the controller's: controller at {_describe(sent)}, worker at "
+        f"{_describe(mine)}; files: {', '.join(diff) or 'the same names and contents, yet another hash'}. "
+        "Check out the controller's commit (with its uncommitted changes, if dirty) in the worker's checkout")
 
 
 def _dvc(cwd: Path, *args: str) -> str:

@@ -92,6 +92,17 @@ def _documents(stats: dict) -> str:
     return out
 
 
+def _started_from(info: dict) -> str:
+    """What the adapter's training started from (train_info.json's `started_from`), in words."""
+    sf = info.get("started_from")
+    if not sf:
+        return "a fresh LoRA on the base model (train_info.json predates warm starts)"
+    if sf.get("kind") == "champion":
+        # the reason names the version and counts the new and replayed records per stage
+        return f"the champion's adapter (sha256 `{(sf.get('adapter_sha256') or '')[:16]}`): {sf.get('reason')}"
+    return f"a fresh LoRA on the base model ({sf.get('reason')})"
+
+
 def render(params: Params, mode: str, stats: dict, info: dict, metrics: dict, decision: dict) -> str:
     """The card's Markdown (front matter + body) from the evidence files' contents."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -150,6 +161,7 @@ max length {tp.get('max_length')}, seed {info.get('seed')}. Quantization: {info.
 Hardware: {info.get('hardware')}. {info.get('steps')} steps, {info.get('tokens_seen')} tokens in {info.get('wall_seconds')} s
 ({info.get('tokens_per_second')} tokens/s), peak memory {info.get('peak_memory_mb')} MB. Final training loss {info.get('final_loss')}.
 Trainable parameters: {info.get('trainable_parameters')} of {info.get('total_parameters')}. MLflow run `{info.get('mlflow_run_id')}`.
+Started from: {_started_from(info)}.
 
 ## Evaluation
 {metrics['eval_set']['size']} held-out conversations (eval set sha256 `{metrics['eval_set']['sha256'][:16]}`), greedy decoding,

@@ -223,7 +223,8 @@ def replay_server(params: Params, mode: str, version: str, adapter_dir: Path, pr
     from loraflow.serve.settings import ServeSettings
 
     t = time.perf_counter()
-    engine = Engine(params, ServeSettings(poll_interval=0, lru_size=1))
+    # every prompt is queued within milliseconds: a window of 0.5 s lets them share the first batch
+    engine = Engine(params, ServeSettings(poll_interval=0, lru_size=1, batch_window_ms=500))
     try:
         ad = engine.adapters.pin_version(mode, version)
         try:
@@ -255,7 +256,10 @@ def replay_mlflow(params: Params, mode: str, version: str, adapter_dir: Path, pr
     t = time.perf_counter()
     port = _free_port()
     uri = tracking_uri(params)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+    # MLflow's scoring server answers 504 to a request running past 60 s by default: a batch of eval prompts on a
+    # busy CPU takes longer
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
+           "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "3600")}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{registered_model_name(mode)}/{version}",
            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     log_file = Path(adapter_dir).parent / f".parity-mlflow-{os.getpid()}.log"

@@ -33,9 +33,19 @@ def step_errors() -> Iterator[None]:
         raise SystemExit(1) from None
 
 
+@contextlib.contextmanager
+def mode_lock(mode: str) -> Iterator[None]:
+    """Hold the mode's run lock (loraflow/runlock.py) in the project the step runs in (dvc repro: the repository
+    root) for the step, so a flow run of the same mode never writes beside it."""
+    from loraflow import runlock
+
+    with runlock.hold(Path.cwd(), mode):
+        yield
+
+
 def run_step(doc: str | None, run: Callable[..., Any], paths: tuple[str, ...], argv: list[str] | None = None) -> Any:
     """The whole `python -m steps.<name>` of a step whose `run(params, mode, *paths)` needs nothing else:
-    --params / -S, --mode, then its paths in order."""
+    --params / -S, --mode, then its paths in order; the mode's run lock held while it runs."""
     from loraflow.config import load_params
 
     ap = step_parser(doc)
@@ -43,5 +53,5 @@ def run_step(doc: str | None, run: Callable[..., Any], paths: tuple[str, ...], a
     for name in paths:
         ap.add_argument(name, type=Path)
     args = ap.parse_args(argv)
-    with step_errors():
+    with step_errors(), mode_lock(args.mode):
         return run(load_params(args.params, args.set), args.mode, *(getattr(args, n) for n in paths))

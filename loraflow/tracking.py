@@ -59,6 +59,25 @@ def setup(params: Params, mode: str) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
+def champion_adapter(params: Params, mode: str, dest: Path) -> tuple[str | None, Path | None]:
+    """Download the registry's current champion adapter, if any. Returns (version, folder)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    setup(params, mode)
+    name = registered_model_name(mode)
+    client = mlflow.MlflowClient()
+    try:
+        mv = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None, None
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dest)))
+    found = next(iter(sorted(local.rglob("adapter_config.json"))), None)
+    if found is None:
+        raise FileNotFoundError(f"champion {name} v{mv.version} holds no adapter_config.json under {local}")
+    return str(mv.version), found.parent
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()

@@ -80,7 +80,8 @@ class BuiltTrainer:
 def build_trainer(setup: StageSetup, stage: str, records: list[dict], init_adapter: Path | None,
                   folder: Path) -> BuiltTrainer:
     """The base model (4-bit when the hardware decision says so) with LoRA, and trl's trainer for `stage`
-    ("sft" or "dpo"), checkpointing into `folder`. `init_adapter`: continue that adapter (SFT then DPO)."""
+    ("sft" or "dpo"), checkpointing into `folder`. `init_adapter`: continue that adapter (DPO after SFT, or the
+    champion on a warm start)."""
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
 
@@ -95,7 +96,9 @@ def build_trainer(setup: StageSetup, stage: str, records: list[dict], init_adapt
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tp.gradient_checkpointing)
     load_seconds = time.perf_counter() - t0
     peft_config = None
-    if init_adapter is not None:  # sft+dpo: DPO continues the SFT adapter (trl keeps a frozen copy as reference)
+    # sft+dpo: DPO continues the SFT adapter (trl keeps a frozen copy as reference); a warm start continues the
+    # champion's. Either way the base stays frozen: only the loaded LoRA weights are trainable.
+    if init_adapter is not None:
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:
         peft_config = LoraConfig(r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
@@ -169,7 +172,7 @@ def train_stage(setup: StageSetup, stage: str, key: str, records: list[dict], in
 
     Args:
         key: `training.run_key` of what decides this stage's weights.
-        init_adapter: the adapter to continue (DPO after SFT), or None for a fresh LoRA.
+        init_adapter: the adapter to continue (DPO after SFT, the champion on a warm start), or None for a fresh LoRA.
         tracking: where the stage's run is logged (`training.MlflowTraining`), or None for no tracking.
         callbacks: more TrainerCallbacks (a progress bar, a benchmark's step timer).
     Returns:
@@ -239,19 +242,24 @@ def train_stage(setup: StageSetup, stage: str, key: str, records: list[dict], in
 
 
 def train_stages(setup: StageSetup, stages: list[str], records: dict[str, list[dict]], data_sha256: dict[str, str],
-                 tracking: StageTracking | None = None) -> list[dict[str, Any]]:
+                 tracking: StageTracking | None = None, start_adapter: Path | None = None, start_key: str = "",
+                 callbacks: list | tuple = ()) -> list[dict[str, Any]]:
     """Each stage in turn from the same seed, each continuing the previous stage's adapter; returns their
-    records (`train_stage`'s), the last one's adapter in `<its checkpoints>/final`."""
+    records (`train_stage`'s), the last one's adapter in `<its checkpoints>/final`.
+
+    `start_adapter`: the first stage continues it (a warm start from the champion) instead of a fresh LoRA;
+    `start_key` (loraflow.warm_start.selection_sha256) joins the first stage's checkpoint key, so a resume never
+    mixes runs that started from different adapters or trained on different selections."""
     from transformers import set_seed
 
     params = setup.params
     results: list[dict[str, Any]] = []
-    init_adapter: Path | None = None
+    init_adapter: Path | None = start_adapter
     for stage in stages:
         set_seed(params.base.seed)
-        key = training.run_key(params, stage, data_sha256[stage], results[-1]["adapter_sha256"] if results else "")
+        key = training.run_key(params, stage, data_sha256[stage], results[-1]["adapter_sha256"] if results else start_key)
         progress = [training.progress_callback(f"train {setup.mode} {stage}")] if setup.main else []
-        res = train_stage(setup, stage, key, records[stage], init_adapter, tracking, progress)
+        res = train_stage(setup, stage, key, records[stage], init_adapter, tracking, [*progress, *callbacks])
         results.append(res)
         init_adapter = res["checkpoints"] / "final"
     return results

@@ -3,7 +3,7 @@
 Builds one suite per file (train, eval, prefs) plus a drift suite in code from params, each expectation at
 the severity `validate.checks` gives it (fail / warn / off), and runs them on tables of per-record facts:
 structure, token length and the chat template (renders, assistant spans locatable, turns closed by an
-end-of-turn token), exact and near train/eval overlap, PII residue, preference pairs, and drift against
+end-of-turn token), exact and near train/eval overlap, PII residue (two detectors), preference pairs, and drift against
 the profile of the last dataset that passed. The report names each failing record (id and source
 file#index); `report_html` renders it offline.
 """
@@ -34,7 +34,9 @@ def _roles_facts(msgs: list) -> dict[str, Any]:
 
 
 def _pii(texts: list[str]) -> tuple[int, str]:
-    found = sum((pii.find(t) for t in texts), start=Counter())
+    # The scrubber's own patterns find only what curation had turned off; the second detector (pii.residue)
+    # is the one that can catch what the scrubber missed. Per kind, the larger count of the two.
+    found = sum((pii.find(t) | pii.residue(t) for t in texts), start=Counter())
     return sum(found.values()), ", ".join(f"{k} x{n}" for k, n in sorted(found.items()))
 
 
@@ -157,7 +159,7 @@ def _expectations(E, params: Params, split: str, baseline: dict | None):
     yield "max_tokens", E.ExpectColumnValuesToBeBetween(column="n_tokens", min_value=1, max_value=max_len), \
         f"fits base.max_seq_len={max_len} tokens under the chat template (longer is silently truncated)"
     yield "pii_residue", E.ExpectColumnValuesToBeBetween(column="pii_found", min_value=0, max_value=0), \
-        "the scrubber's PII patterns find nothing left"
+        "neither the scrubber's PII patterns nor a second, broader detector (pii.residue) finds any left"
     minimum = {"train": v.min_train, "eval": v.min_eval, "prefs": v.min_prefs}[split]
     yield "min_size", E.ExpectTableRowCountToBeBetween(min_value=minimum), f"at least validate.min_{split}={minimum} records"
     if split == "eval":

@@ -22,7 +22,7 @@ from loraflow.curation.curate import Sources, curate
 from loraflow.curation.stats import summary_table
 from loraflow.errors import CurationError
 from loraflow.io import atomic_dir, sha256_file, write_json, write_jsonl, write_text
-from loraflow.stepcli import step_errors, step_parser
+from loraflow.stepcli import mode_lock, step_errors, step_parser
 
 __all__ = ["OUTPUTS", "main", "run", "summary_table"]
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--feedback", type=Path, default=None,
                     help="data/raw/feedback/<mode>: users' ratings and corrections from `loraflow serve`")
     args = ap.parse_args(argv)
-    with step_errors():
+    with step_errors(), mode_lock(args.out_dir.name):  # data/curated/<mode>
         stats = run(load_params(args.params, args.set), args.raw_dir, args.out_dir, args.feedback)
         print(summary_table(stats))
 

@@ -9,7 +9,10 @@ locating each turn in the rendered chat template, so any template works without 
 computed; attention stays within each example). Checkpoints every `train.save_steps`; a re-run with the same
 params and data resumes from the last one and ends at the same step count. Same seed and data on CPU give the
 same adapter, bit for bit. Writes the adapter (safetensors), tokenizer + chat template, loss.png and
-train_info.json, whole; each stage (sft, dpo) is its own MLflow run.
+train_info.json, whole; each stage (sft, dpo) is its own MLflow run. `train.warm_start: champion` continues the
+registry champion's adapter on the records it has not trained on plus a replay sample (loraflow/warm_start.py);
+train_info.json's `started_from` says what the run started from and why, and trained_ids.json lists every record
+the adapter has learned from.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from loraflow import generation, tracking, training
+from loraflow import generation, tracking, training, warm_start
 from loraflow.config import Params
 from loraflow.errors import ValidationFailed
 from loraflow.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json
@@ -78,9 +82,20 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
     setup = StageSetup(params, mode, tok, model_path, hw, main=rank == 0)
     if hw.cuda:
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    results = train_stages(setup, stages, records, tags["data_sha256"], mlflow_training)
-    wall = time.time() - t0
+    with tempfile.TemporaryDirectory(prefix="loraflow-champion-") as champion_tmp:
+        # train.warm_start: continue the champion on what it has not learned (+ a replay sample), or from scratch
+        start = warm_start.resolve(params, mode, records, Path(champion_tmp))
+        if start.kind == "champion":  # a stage with nothing new keeps what the champion learned
+            skipped = [s for s in stages if not start.new[s]]
+            stages = [s for s in stages if start.new[s]]
+            if skipped:
+                start.reason += f"; {', '.join(skipped)} skipped: nothing new"
+        log.info("train: %s", start.reason)
+        t0 = time.time()
+        start_key = warm_start.selection_sha256(start, stages[0]) if start.kind == "champion" else ""
+        results = train_stages(setup, stages, {s: start.records[s] for s in stages}, tags["data_sha256"],
+                               mlflow_training, start.adapter_dir, start_key)
+        wall = time.time() - t0
 
     last = results[-1]
     info = {
@@ -96,8 +111,9 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
         "world_size": world,  # processes that trained (DDP); tokens_seen counts all of them
         "steps": last["steps"],
         "epochs": last["epochs"],
-        "train_records": len(records.get("sft", [])),
-        "pref_records": len(records.get("dpo", [])),
+        "started_from": start.info(),  # the champion's adapter (warm start) or the base model, and why
+        "train_records": len(start.records["sft"]) if "sft" in stages else 0,  # what this run trained on
+        "pref_records": len(start.records["dpo"]) if "dpo" in stages else 0,
         "tokens_seen": sum(r["tokens_seen"] for r in results),
         "wall_seconds": round(wall, 2),
         # over what this process trained: a resumed stage only ran the steps after its checkpoint
@@ -134,6 +150,7 @@ def run(params: Params, mode: str, validation_report: Path, curated_dir: Path, a
             tok.save_pretrained(tmp)
             generation.write(tmp, params.generate)  # how this adapter answers: evaluate and serving read it back
             write_json(tmp / "train_info.json", info)
+            warm_start.write_trained_ids(tmp, start.learned)  # what a later warm start counts as already learned
         mlflow_training.finish(last["mlflow_run_id"], adapter_dir, info)
         if not tp.keep_checkpoints:
             for r in results:

@@ -21,7 +21,7 @@ from loraflow.config import Params, load_params
 from loraflow.errors import ValidationFailed
 from loraflow.io import atomic_dir, read_json, read_jsonl, sha256_file, write_json, write_text
 from loraflow.models import load_tokenizer, resolve
-from loraflow.stepcli import step_errors, step_parser
+from loraflow.stepcli import mode_lock, step_errors, step_parser
 from loraflow.validation import SPLITS
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("profile_file", type=Path, help="profile of the last passed dataset (read, rewritten on a pass)")
     args = ap.parse_args(argv)
-    with step_errors():
+    with step_errors(), mode_lock(args.out_dir.name):  # data/validation/<mode>
         run(load_params(args.params, args.set), args.curated_dir, args.out_dir, args.profile_file)
 
 

@@ -57,6 +57,9 @@ def test_llamafactory_alpaca_every_record_accounted(tmp_path):
     assert stats["token_lengths"]["max"] <= PARAMS.base.max_seq_len
     code = [r for r in out["train"] + out["eval"] if "```" in r["messages"][-1]["content"]]
     assert any("\n    " in r["messages"][-1]["content"] for r in code)  # code indentation survives normalisation
+    # The example address in its answer is scrubbed whole (RFC 5322 local part), its backticks kept.
+    text = json.dumps(out["train"] + out["eval"] + out["quarantine"], ensure_ascii=False)
+    assert "John.Doe" not in text and "example-domain.com" not in text and "`<EMAIL>`" in text
 
 
 @needs_formats

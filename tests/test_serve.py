@@ -3,6 +3,7 @@ weights (so each mode answers differently), through the real `openai` client and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -73,8 +74,6 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A project root with an SQLite registry of three modes, and the server running on a loopback port."""
-    import uvicorn
-
     from loraflow.serve import ServeSettings, create_app
 
     root = tmp_path_factory.mktemp("serve")
@@ -92,6 +91,22 @@ def env(tmp_path_factory):
     settings = ServeSettings(root=root, overrides=overrides, lru_size=3, poll_interval=0.5, feedback_threshold=3,
                              trigger_command=curate, max_tokens_limit=64, max_chars=2000)
     app = create_app(params, settings)
+    with serving(app) as url:
+        try:
+            yield {"root": root, "params": params, "url": url, "app": app, "settings": settings}
+        finally:
+            for run in app.state.feedback.runs.values():
+                proc = run.get("process")
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The app under uvicorn on a free loopback port, in a thread; yields its URL."""
+    import uvicorn
+
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -101,15 +116,10 @@ def env(tmp_path_factory):
         while not server.started and time.time() < deadline:
             time.sleep(0.1)
         assert server.started, "server did not start"
-        yield {"root": root, "params": params, "url": f"http://127.0.0.1:{port}", "app": app, "settings": settings}
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=60)
-        for run in app.state.feedback.runs.values():
-            proc = run.get("process")
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
 
 
 def chat(url: str, mode: str | None, messages=Q, max_tokens: int = 6, **kw) -> dict:
@@ -542,3 +552,111 @@ def test_a_worse_candidate_leaves_the_champion_and_the_served_answers_and_health
 
 def params_override(params) -> str:
     return f"base.tracking_uri={params.base.tracking_uri}"
+
+
+def scrape(get) -> dict[tuple[str, frozenset], float]:
+    """GET /metrics parsed by prometheus-client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def test_metrics_count_what_the_clients_did(env, tmp_path):
+    """A server of its own (its own registry and engine), a known mix of requests; /metrics agrees with it."""
+    from openai import OpenAI
+
+    from loraflow.serve import ServeSettings, create_app
+
+    params = load_params(ROOT / "params.yaml", [f"base.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    register(params, "alpha", env["root"] / "adapters" / "alpha")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": "not a number"}))
+    register(params, "broken", broken)
+    app = create_app(params, ServeSettings(root=tmp_path, poll_interval=0, feedback_threshold=0, max_tokens_limit=16))
+    with serving(app) as url:
+        get = lambda path: httpx.get(f"{url}{path}", timeout=60)  # noqa: E731
+        before = scrape(get)
+        assert not any(k[0].startswith("loraflow_requests") for k in before)  # another server's counts are not here
+        served = [chat(url, "alpha") for _ in range(3)] + [chat(url, None)] + [chat(url, "broken") for _ in range(2)]
+        assert [r["adapter"] == "base" for r in served] == [False] * 3 + [True] * 3
+        with ThreadPoolExecutor(max_workers=4) as pool:  # sent together: they may share batches
+            assert all(r["version"] == "1" for r in pool.map(lambda _: chat(url, "alpha"), range(4)))
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+        for _ in range(2):
+            client.chat.completions.create(model="alpha", messages=Q, max_tokens=4, temperature=0)
+        chunks = list(client.chat.completions.create(model="alpha", messages=Q, max_tokens=4, temperature=0, stream=True))
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert httpx.post(f"{url}/chat", json={"mode": "alpha"}).status_code == 422  # no messages: refused unparsed
+        assert httpx.post(f"{url}/chat", json={"mode": "alpha", "messages": Q, "max_tokens": 17}).status_code == 422
+        for rating in (5, 4, 1):
+            assert httpx.post(f"{url}/feedback", json={"response_id": served[0]["id"], "rating": rating}).status_code == 200
+        assert get("/health").status_code == 200
+        m = scrape(get)
+
+    def v(name: str, **labels) -> float:
+        return m.get((name, frozenset(labels.items())), 0.0)
+
+    # requests by route, mode and status; /metrics itself is not counted
+    assert v("loraflow_requests_total", route="/chat", mode="alpha", status="200") == 7
+    assert v("loraflow_requests_total", route="/chat", mode="base", status="200") == 1
+    assert v("loraflow_requests_total", route="/chat", mode="broken", status="200") == 2
+    assert v("loraflow_requests_total", route="/v1/chat/completions", mode="alpha", status="200") == 3
+    assert v("loraflow_requests_total", route="/chat", mode="", status="422") == 1
+    assert v("loraflow_requests_total", route="/chat", mode="alpha", status="422") == 1
+    assert v("loraflow_requests_total", route="/feedback", mode="alpha", status="200") == 3
+    assert v("loraflow_requests_total", route="/health", mode="", status="200") == 1
+    total = sum(x for (n, _), x in m.items() if n == "loraflow_requests_total")
+    assert total == 19 and not any(dict(k[1]).get("route") == "/metrics" for k in m)
+    # every request's latency observed once, under the same labels
+    assert sum(x for (n, _), x in m.items() if n == "loraflow_request_duration_seconds_count") == 19
+    assert v("loraflow_request_duration_seconds_count", route="/v1/chat/completions", mode="alpha") == 3
+    # time in the queue for each generation (a failed adapter's request is generated by the base model)
+    assert v("loraflow_queue_seconds_count", mode="alpha") == 10 and v("loraflow_queue_seconds_count", mode="base") == 3
+    # every generated row sits in exactly one batch
+    assert v("loraflow_batch_size_sum") == 13 and 1 <= v("loraflow_batch_size_count") <= 13
+    # adapters: alpha loaded once and still loaded; broken tried (and failed) once per request
+    assert v("loraflow_adapter_loads_total", mode="alpha") == 1 and v("loraflow_adapters_loaded", mode="alpha") == 1
+    assert v("loraflow_adapter_load_failures_total", mode="broken") == 2
+    assert v("loraflow_adapters_failing", mode="broken") == 1 and v("loraflow_adapters_loaded", mode="broken") == 0
+    # feedback events written, as many as lines on disk
+    assert v("loraflow_feedback_events_total", mode="alpha", trains="true") == 3
+    lines = [x for f in (tmp_path / "data" / "raw" / "feedback" / "alpha").glob("*.jsonl") for x in f.read_text().splitlines()]
+    assert len(lines) == 3
+
+
+def test_metrics_need_a_key_when_keys_are_set_but_spend_no_rate_limit(env, tmp_path):
+    with keyed_client(env, tmp_path) as c:
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers={"Authorization": "Bearer sk-lf-wrong-0123456789"}).status_code == 401
+        for _ in range(4):  # the "slow" key may make 2 requests a minute
+            assert c.get("/metrics", headers=bearer("slow")).status_code == 200
+        assert c.get("/v1/models", headers=bearer("slow")).status_code == 200
+        assert c.get("/v1/models").status_code == 401
+        m = scrape(lambda path: c.get(path, headers=bearer("viewer")))
+        assert m[("loraflow_requests_total", frozenset({"route": "/v1/models", "mode": "", "status": "200"}.items()))] == 1
+        # a refusal comes before routing: counted under route "other"; the scrapes are not counted at all
+        assert m[("loraflow_requests_total", frozenset({"route": "other", "mode": "", "status": "401"}.items()))] == 1
+        assert sum(x for (n, _), x in m.items() if n == "loraflow_requests_total") == 2
+
+
+def test_a_modes_only_adapter_replaced_by_a_new_version_still_answers(env, tmp_path):
+    """A server whose one loaded adapter is unloaded (its mode's champion moved) then loads the new version: peft
+    kept the deleted name active, and the next request failed with a KeyError (found by bench/loop.py)."""
+    from loraflow.serve.adapters import Adapter
+    from loraflow.serve.engine import Engine
+
+    params = env["params"]
+    eng = Engine(params, env["settings"])
+    try:
+        first, second = (make_adapter(params, tmp_path / n, seed=s) for n, s in (("v1", 31), ("v2", 32)))
+        eng.attach(first, "a1_solo_v1")
+        eng.detach("a1_solo_v1")
+        eng.attach(second, "a2_solo_v2")
+        out = eng.generate(Adapter("a2_solo_v2", "solo", "2", second), Q, 6, 0.0, None)
+        assert out["text"] and out["finish_reason"] in ("stop", "length")
+    finally:
+        eng.close()

@@ -156,3 +156,72 @@ def test_a_run_in_clone_a_trains_on_a_gpu_worker_in_clone_b_and_promotes_its_ada
     assert version.tags["adapter_sha256"] == record["adapter_sha256"]
     assert run_tags["dvc.adapter_md5"] == record["adapter_md5"] and run_tags["adapter_sha256"] == record["adapter_sha256"]
     print(f"two-clone run: {time.time() - t0:.0f} s")
+
+
+def _identity(clone: Path) -> dict:
+    """The controller's side: clone's own code computes its identity (its loraflow on the path, nothing of ours)."""
+    r = subprocess.run([sys.executable, "-c", "import json; from loraflow import handoff; "
+                        "print(json.dumps(handoff.code_identity()))"], cwd=clone, env={**os.environ, "PYTHONPATH": str(clone)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _worker_trains(clone: Path, code: dict) -> subprocess.CompletedProcess:
+    """The worker's side: clone's train flow (its function, without a Prefect server) handed the controller's
+    identity and bogus md5s, so that getting past the code check ends at the DVC pull, never at training."""
+    handoff = {"code": code, "params_digest": "x", "curated_md5": "0" * 32 + ".dir", "validation_md5": "0" * 32 + ".dir",
+               "report_sha256": "0" * 64}
+    script = ("import json, sys; from flows.pipeline import train_flow; "
+              f"train_flow.fn(mode={MODE!r}, handoff=json.loads(sys.argv[1]))")
+    return subprocess.run([sys.executable, "-c", script, json.dumps(handoff)], cwd=clone, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(clone), "PREFECT_HOME": str(clone / ".prefect-home")},
+                          timeout=300)
+
+
+def test_a_worker_whose_train_code_differs_from_the_controllers_refuses_naming_both_commits(tmp_path):
+    a, b = (tmp_path / n for n in ("clone-a", "clone-b"))
+    for d in (a, b):
+        d.mkdir()
+        _clone(d)
+    _git(["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "worker"], b)
+    commit_a, commit_b = (_git(["rev-parse", "HEAD"], c).strip() for c in (a, b))
+    assert commit_a != commit_b  # different commits, the same code
+    sent = _identity(a)
+    assert sent["commit"] == commit_a and sent["dirty"] == [] and "loraflow/checks.py" in sent["files"]
+
+    same = _worker_trains(b, sent)  # passes the code check: refused later, by the params digest
+    assert same.returncode != 0 and "differ from the controller's" in same.stderr and "code differs" not in same.stderr
+
+    # A change outside train's code (the server) is no reason to refuse
+    (b / "loraflow" / "serve" / "routes.py").write_text((b / "loraflow" / "serve" / "routes.py").read_text() + "\n# edit\n")
+    assert "code differs" not in _worker_trains(b, sent).stderr
+
+    # An uncommitted edit to a module train runs (the loss mask's): refused, naming both commits, "dirty", the file
+    checks = b / "loraflow" / "checks.py"
+    checks.write_text(checks.read_text() + "\nBIN_WIDTH = 9\n")
+    r = _worker_trains(b, sent)
+    assert r.returncode != 0
+    msg = r.stderr.strip().splitlines()[-1]
+    assert "HandoffError: this worker's train step code differs from the controller's" in msg, r.stderr[-3000:]
+    assert f"controller at commit {commit_a[:12]} in " in msg and f"worker at commit {commit_b[:12]} dirty (" in msg
+    assert "loraflow/checks.py (differs)" in msg and "routes.py" not in msg.split("files:")[1]
+    assert not (b / "data" / "curated").exists()  # refused before pulling anything
+
+    # Committed, the worker is clean but still another commit's code
+    _git(["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "edit"], b)
+    msg = _worker_trains(b, sent).stderr.strip().splitlines()[-1]
+    head_b = _git(["rev-parse", "HEAD"], b).strip()
+    assert f"worker at commit {head_b[:12]} in " in msg and "dirty (" not in msg and "loraflow/checks.py (differs)" in msg
+
+    # The controller dirty instead: its message says so, and the worker refuses all the same
+    (a / "loraflow" / "checks.py").write_text(checks.read_text())
+    sent_dirty = _identity(a)
+    assert sent_dirty["dirty"] == ["loraflow/checks.py"]
+    _git(["checkout", "-q", commit_b, "--", "loraflow/checks.py"], b)  # b back to the original checks.py
+    msg = _worker_trains(b, sent_dirty).stderr.strip().splitlines()[-1]
+    assert f"controller at commit {commit_a[:12]} dirty (loraflow/checks.py)" in msg and "(differs)" in msg
+
+    # A controller too old to send its code's identity is refused as well
+    old = _worker_trains(b, {})
+    assert "sent no identity of its train step code" in old.stderr

@@ -100,6 +100,19 @@ def test_pii_residue_says_which_kind(tmp_path):
         validate.run(PARAMS, curated(tmp_path, train, evals), tmp_path / "v")
 
 
+def test_pii_residue_is_not_the_scrubbers_own_opinion(tmp_path):
+    # A card written with dots between its groups: the scrubber's card pattern does not match it (so it would
+    # call the record clean), the gate's second detector does.
+    from loraflow.pii import find
+
+    leak = "o cartão é 4111.1111.1111.1111"
+    assert not find(leak)
+    train, evals = good()
+    train[3] = rec(3, [{"role": "user", "content": "meu cartão?"}, {"role": "assistant", "content": leak}])
+    with pytest.raises(ValidationFailed, match=r"(?s)pii_residue.*t0003 \(m/x.jsonl#3: card x1\)"):
+        validate.run(PARAMS, curated(tmp_path, train, evals), tmp_path / "v")
+
+
 def test_duplicate_ids_fail(tmp_path):
     train, evals = good()
     train[4] = dict(train[1])

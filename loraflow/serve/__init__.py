@@ -11,8 +11,8 @@ finish on it, and it is unloaded once the last of them is done. The registry is 
 `--poll-interval` seconds and on POST /adapters/reload.
 
 The package: settings.py (the command line's settings), adapters.py (the registry's modes and the adapter
-cache), engine.py (the model and generation), feedback.py (events to disk, the retraining trigger) and
-routes.py (the HTTP API).
+cache), engine.py (the model and generation), feedback.py (events to disk, the retraining trigger), metrics.py
+(Prometheus, GET /metrics) and routes.py (the HTTP API).
 
 Decoding: a request's temperature / top_p win; left out, a mode answers with its adapter's generation_config.json
 (params.yaml `generate` at training time: sampling defaults, repetition_penalty, no_repeat_ngram_size), the

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from loraflow import feedback as fb
 from loraflow import generation
 from loraflow.config import GenerateParams, Params, registered_model_name
+from loraflow.serve.metrics import EngineMetrics
 from loraflow.serve.settings import ServeSettings
 
 log = logging.getLogger("loraflow.serve")
@@ -53,11 +54,12 @@ class Host(Protocol):
 class AdapterCache:
     """The registry's champions and the loaded adapters. Thread-safe."""
 
-    def __init__(self, params: Params, settings: ServeSettings, host: Host):
+    def __init__(self, params: Params, settings: ServeSettings, host: Host, metrics: EngineMetrics | None = None):
         from loraflow.tracking import tracking_uri
         from loraflow.tracking import use as use_tracking
 
         self.params, self.settings, self.host = params, settings, host
+        self.metrics = metrics or EngineMetrics()
         self.tracking_uri = tracking_uri(params)
         # models:/ URIs resolve through the process-wide registry URI.
         use_tracking(self.tracking_uri)
@@ -138,7 +140,9 @@ class AdapterCache:
                 log.exception("mode %s: loading %s v%s failed; serving the base model", mode, registered_model_name(mode), version)
                 with self.state:
                     self.failed[mode] = {"version": version, "error": f"{type(e).__name__}: {e}", "at": fb.now()}
+                self.metrics.adapter_load_failures.labels(mode).inc()
                 return None, f"adapter for mode {mode!r} (v{version}) failed to load; answered by the base model"
+            self.metrics.adapter_loads.labels(mode).inc()
             with self.state:
                 ad.refs += 1
                 self.failed.pop(mode, None)

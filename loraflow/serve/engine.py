@@ -26,6 +26,7 @@ from typing import Any
 from loraflow import generation
 from loraflow.config import Params
 from loraflow.serve.adapters import Adapter, AdapterCache
+from loraflow.serve.metrics import EngineMetrics
 from loraflow.serve.settings import ServeSettings
 
 log = logging.getLogger("loraflow.serve")
@@ -72,7 +73,8 @@ class Engine:
         self.peft = None  # the PeftModel wrapping self.base, from the first adapter load on
         self.gen_lock = threading.Lock()  # the shared model: one batch at a time, no adapter (un)loads during one
         self.tok_lock = threading.Lock()  # fast tokenizers fail ("Already borrowed") when used by two threads
-        self.adapters = AdapterCache(params, settings, self)
+        self.metrics = EngineMetrics()
+        self.adapters = AdapterCache(params, settings, self, self.metrics)
         self._queue: collections.deque[Job] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -97,11 +99,18 @@ class Engine:
                 self.peft = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name).eval()
             else:
                 self.peft.load_adapter(str(folder), adapter_name=name)
+                # peft keeps a deleted adapter's name as the active one when it was the last loaded (a mode's
+                # champion replaced): generate() would then look it up and fail with a KeyError
+                if self.peft.active_adapter not in self.peft.peft_config:
+                    self.peft.set_adapter(name)
 
     def detach(self, name: str) -> None:
         with self.gen_lock:
             if self.peft is not None and name in self.peft.peft_config:
                 self.peft.delete_adapter(name)
+                left = list(self.peft.peft_config)
+                if left and self.peft.active_adapter not in self.peft.peft_config:
+                    self.peft.set_adapter(left[-1])
 
     # -- generation
 
@@ -131,7 +140,9 @@ class Engine:
                 self._queue.append(job)
                 self._wake.notify()
         out = job.future.result()
-        return {**out, "queued_ms": (out.pop("started_at") - job.queued_at) * 1000}
+        queued = out.pop("started_at") - job.queued_at
+        self.metrics.queue_seconds.labels(ad.mode if ad is not None else "base").observe(queued)
+        return {**out, "queued_ms": queued * 1000}
 
     def _schedule(self) -> None:
         """The scheduler thread: take a batch of compatible waiting jobs, generate it, repeat."""
@@ -186,6 +197,7 @@ class Engine:
                 model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         self.batches = {"count": self.batches["count"] + 1, "rows": self.batches["rows"] + len(jobs),
                         "largest": max(self.batches["largest"], len(jobs))}
+        self.metrics.batch_size.observe(len(jobs))
         for j in jobs:
             j.future.set_result(self._result(j, started, len(jobs)))
 
@@ -199,6 +211,7 @@ class Engine:
             ad.merged.generate(input_ids=torch.tensor([job.prompt], device=self.device), max_new_tokens=job.max_tokens,
                                attention_mask=mask, pad_token_id=self.tok.pad_token_id, eos_token_id=stops,
                                streamer=_Rows([job], stops), **generation.call_kwargs(job.kwargs, mask))
+        self.metrics.batch_size.observe(1)
         job.future.set_result(self._result(job, started, 1))
 
     def _result(self, job: Job, started: float, batch_size: int) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loraflow import feedback as fb
@@ -24,6 +25,7 @@ from loraflow.serve import auth
 from loraflow.serve.adapters import Adapter
 from loraflow.serve.engine import Engine, TokenStream
 from loraflow.serve.feedback import FeedbackSink, last_outcome
+from loraflow.serve.metrics import ServerMetrics
 from loraflow.serve.settings import ServeSettings
 
 log = logging.getLogger("loraflow.serve")
@@ -83,6 +85,9 @@ class FeedbackRequest(BaseModel):
 
 
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+# Needs a key when keys are configured (the details /health gives key holders: modes, counts), but a scraper
+# polling it does not spend the key's rate limit.
+UNLIMITED_PATHS = frozenset({"/metrics"})
 
 
 def _openai_error(status: int, message: str, code: str, err_type: str = "invalid_request_error",
@@ -100,6 +105,7 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
     own_engine = engine is None  # an engine handed in (tests, a second app) belongs to its caller
     engine = engine or Engine(params, settings)
     sink = FeedbackSink(settings)
+    metrics = ServerMetrics(engine.metrics, engine.adapters)
     responses: OrderedDict[str, dict[str, Any]] = OrderedDict()
     responses_lock = threading.Lock()
     # Generation waits on the model lock in these threads, not in the default pool the rest of FastAPI uses.
@@ -129,7 +135,7 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
 
     app = FastAPI(title="loraflow serve", lifespan=lifespan,
                   description="LoRA modes from the MLflow registry on one base model, and feedback back into training data.")
-    app.state.engine, app.state.feedback = engine, sink
+    app.state.engine, app.state.feedback, app.state.metrics = engine, sink, metrics
 
     def check(messages: list[Message], max_tokens: int | None, field: str = "max_tokens") -> tuple[list[dict], int]:
         if len(messages) > settings.max_messages:
@@ -177,10 +183,15 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
             m["last_outcome"] = last_outcome(Path(settings.root), mode)
         return {**h, "feedback": sink.status()}
 
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/chat")
-    async def chat(req: ChatRequest) -> dict[str, Any]:
-        msgs, n = check(req.messages, req.max_tokens)
+    async def chat(req: ChatRequest, request: Request) -> dict[str, Any]:
         mode = req.mode or None
+        request.state.mode = mode
+        msgs, n = check(req.messages, req.max_tokens)
         ad, note = await asyncio.to_thread(pick, mode)
         out = await run_generation(ad, msgs, n, req.temperature, req.top_p)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -195,10 +206,11 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
         return None if model in ("", "base", params.base.model) else model
 
     @app.post("/v1/chat/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
+        mode = mode_of(req.model)
+        request.state.mode = mode
         msgs, n = check(req.messages, req.max_completion_tokens or req.max_tokens,
                         "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
-        mode = mode_of(req.model)
         ad, note = await asyncio.to_thread(pick, mode)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": req.model or "base",
@@ -259,6 +271,7 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
             raise _field_error(422, "messages", f"response_id {req.response_id!r} is not known to this server "
                                "(restarted, or too old): send mode, messages and answer with the feedback")
         mode = req.mode or (served_ or {}).get("mode")
+        request.state.mode = mode
         if mode is None:
             raise _field_error(422, "mode", "the answer came from the base model: name the mode this feedback should train")
         event = {
@@ -279,6 +292,7 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
             "trains": key.train if key is not None else True,
         }
         out = await asyncio.to_thread(sink.record, event)
+        metrics.feedback.labels(metrics.mode_label(mode), str(event["trains"]).lower()).inc()
         return {"event_id": event["event_id"], "mode": mode, **out}
 
     @app.post("/adapters/reload")
@@ -288,7 +302,8 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
             return {**out, "modes": dict(engine.adapters.champions)}
 
     @app.post("/adapters/{mode}/merge")
-    async def merge(mode: str) -> dict[str, Any]:
+    async def merge(mode: str, request: Request) -> dict[str, Any]:
+        request.state.mode = mode
         try:
             return await asyncio.to_thread(engine.adapters.merge, mode)
         except LookupError as e:
@@ -308,7 +323,7 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
             msg = ("Incorrect API key provided." if given else "You didn't provide an API key. You need to provide your "
                    "API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
             return _openai_error(401, msg, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if key is not None and request.url.path not in OPEN_PATHS:
+        if key is not None and request.url.path not in OPEN_PATHS | UNLIMITED_PATHS:
             rpm = key.rpm or settings.rate_limit
             wait = limiter.take(key.name, rpm)
             if wait > 0:
@@ -325,5 +340,29 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
         if size and size.isdigit() and int(size) > 8 * settings.max_chars + 65_536:
             return JSONResponse({"detail": f"request body of {size} bytes is too large"}, status_code=413)
         return await call_next(request)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        # The outermost middleware: refusals by the others (401, 429, 413) are counted too. A response's latency
+        # ends with its last byte, so a stream's is its whole generation.
+        if request.url.path == "/metrics":
+            return await call_next(request)
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "other")
+        # The handlers set state.mode once they know it; a request refused before that has no mode ("").
+        mode = metrics.mode_label(request.state.mode) if hasattr(request.state, "mode") else ""
+        body = response.body_iterator
+
+        async def timed():
+            try:
+                async for part in body:
+                    yield part
+            finally:
+                metrics.requests.labels(route, mode, str(response.status_code)).inc()
+                metrics.latency.labels(route, mode).observe(time.perf_counter() - started)
+
+        response.body_iterator = timed()
+        return response
 
     return app
