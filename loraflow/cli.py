@@ -6,6 +6,7 @@
     loraflow serve --host 0.0.0.0 --api-keys keys.yaml        # beyond loopback: Bearer keys required
     loraflow promote retail_media 3                          # a person's decision: v3 becomes champion
     loraflow rollback retail_media                           # champion goes back to the previous champion
+    loraflow export retail_media --to ollama                 # champion -> GGUF + Modelfile, replayed on llama.cpp
 """
 
 from __future__ import annotations
@@ -120,6 +121,15 @@ def _registry_cmd(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from loraflow import export
+
+    params = load_params(args.params, args.set)
+    export.run(params, args.mode, args.to, version=args.version, alias=args.alias, root=Path(args.root).resolve(),
+               out=Path(args.out) if args.out else None, eval_file=Path(args.eval_set) if args.eval_set else None)
+    return 0
+
+
 def main(argv: list[str] | None = None, run_pipeline: Callable[..., Any] | None = None,
          trigger: Callable[..., dict[str, Any]] | None = None) -> int:
     """`run_pipeline(mode, params_file, overrides, root)` runs the Prefect flow and `trigger` starts a run from the
@@ -175,8 +185,25 @@ def main(argv: list[str] | None = None, run_pipeline: Callable[..., Any] | None 
         sp.add_argument("--params", default="params.yaml")
         sp.add_argument("-S", "--set", action="append", default=[], metavar="section.key=value",
                         help="override a param, e.g. base.tracking_uri=http://127.0.0.1:5000")
+    xp = sub.add_parser("export", help="export a registered version for another engine, replayed on that engine "
+                                       "(docs/export.md)")
+    xp.add_argument("mode")
+    xp.add_argument("--to", required=True, choices=("merged", "gguf", "ollama"),
+                    help="merged: safetensors for any HF engine; gguf: LoRA GGUF + base GGUF (llama.cpp); "
+                         "ollama: gguf + Modelfile")
+    which = xp.add_mutually_exclusive_group()
+    which.add_argument("--version", help="the version number to export")
+    which.add_argument("--alias", default="champion", help="or the alias pointing at it (default champion)")
+    xp.add_argument("--out", help="export folder (default exports/<mode>/v<N>-<target>/ under --root)")
+    xp.add_argument("--eval-set", help="the eval set the version was judged on (default data/curated/<mode>/eval.jsonl)")
+    xp.add_argument("--root", default=".", help="project folder holding data/ (and exports/)")
+    xp.add_argument("--params", default="params.yaml")
+    xp.add_argument("-S", "--set", action="append", default=[], metavar="section.key=value",
+                    help="override a param, e.g. export.rougeL_tolerance=0.1")
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "export":
+            return _export(args)
         if args.cmd == "serve":
             return _serve(args, trigger)
         if args.cmd in ("promote", "rollback"):

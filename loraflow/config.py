@@ -21,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from loraflow.errors import ConfigError
 
 STEPS = ("curate", "validate", "train", "evaluate", "promote", "model_card")
-SHARED = ("base", "generate")  # sections that are not a step's own
+SHARED = ("base", "generate", "export")  # sections that are not a step's own (export: `loraflow export`)
 
 
 def stage_sections(step: str) -> tuple[str, ...]:
@@ -303,6 +303,21 @@ class ModelCardParams(_Section):
     tags: list[str] = Field(default_factory=lambda: ["lora", "loraflow"])
 
 
+class ExportParams(_Section):
+    """`loraflow export` (loraflow/export.py): each export answers the pinned eval prompts greedily on the engine
+    it targets and is refused outside these bounds."""
+
+    # refused when the upper end of the paired interval of ROUGE-L (export minus evaluated) is below -this
+    rougeL_tolerance: float = Field(0.05, ge=0)
+    min_stop_rate: float | None = Field(0.8, ge=0, le=1)  # share of the export's answers that end their turn; None = off
+    max_loop_rate: float | None = Field(0.2, ge=0, le=1)  # share of its answers that loop; None = off
+    gguf_outtype: Literal["f16", "f32", "bf16", "q8_0"] = "f16"  # the LoRA GGUF's tensors (and a converted base's)
+    # shipped: an embedded base's own GGUF file (SmolLM2: Q4_1, 98 MB); convert: the base folder converted by
+    # llama.cpp at gguf_outtype (a float base drifts less from the evaluated answers, and is larger)
+    gguf_base: Literal["shipped", "convert"] = "shipped"
+    threads: int | None = Field(None, ge=1)  # llama.cpp threads for the replay; None = llama-cpp-python's default
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     curate: CurateParams = CurateParams()
@@ -312,6 +327,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
     model_card: ModelCardParams = ModelCardParams()
+    export: ExportParams = ExportParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

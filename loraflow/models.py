@@ -71,6 +71,16 @@ def resolve(spec: str, cache: str = "~/.cache/loraflow") -> str:
     return spec
 
 
+def embedded_gguf(spec: str) -> Path | None:
+    """The GGUF file an `embedded:` model ships as (the file `resolve` converts to safetensors), else None:
+    llama.cpp runs it as it is."""
+    name = spec.split(":", 1)[1] if spec.startswith("embedded:") else None
+    if name not in EMBEDDED or not EMBEDDED[name][1].endswith(".gguf"):
+        return None
+    package, inner, _ = EMBEDDED[name]
+    return _package_dir(package, name) / inner
+
+
 def _convert_gguf(gguf: Path, name: str, cache: Path) -> Path:
     """Dequantise a GGUF file once into a safetensors model folder keyed by the file's hash."""
     digest = sha256_file(gguf)[:12]
