@@ -37,8 +37,15 @@ def step_errors() -> Iterator[None]:
 def mode_lock(mode: str) -> Iterator[None]:
     """Hold the mode's run lock (loraflow/runlock.py) in the project the step runs in (dvc repro: the repository
     root) for the step, so a flow run of the same mode never writes beside it."""
+    import os
+
     from loraflow import runlock
 
+    # Under torchrun / accelerate launch every rank runs this command: rank 0 holds the lock for the whole run,
+    # the other ranks are part of that run (they would otherwise refuse, naming rank 0).
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
     with runlock.hold(Path.cwd(), mode):
         yield
 
