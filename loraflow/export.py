@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from loraflow import generation, models, tracking
+from loraflow import generation, models, parity, tracking
 from loraflow.config import GenerateParams, Params, Paths, registered_model_name
 from loraflow.errors import EvalSetError, LoraflowError
 from loraflow.io import read_jsonl, sha256_file, write_json, write_text
@@ -87,14 +87,9 @@ def download_adapter(v: Version, dest: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class Evaluated:
-    """The answers evaluation scored for this version, with the prompts and references they answered."""
+class Evaluated(parity.Evaluated):
+    """parity's evaluated answers, as logged on this version's evaluation run, with that eval set and run."""
 
-    ids: list[Any]
-    prompts: list[list[dict]]
-    refs: list[str]
-    answers: list[str]
-    stopped: list[bool]
     eval_set: dict[str, Any]
     run_id: str
 
@@ -400,7 +395,7 @@ def run(params: Params, mode: str, target: str, *, version: str | None = None, a
             else:
                 rep = replay_transformers(work, ev.prompts, params.evaluate.batch_size)
             timing["replay"] = time.perf_counter() - t
-            result = compare_answers(ev.answers, rep.answers, ev.refs, rep.stopped, params,
+            result = compare_answers(ev.answers, rep.answers, ev.references, rep.stopped, params,
                                      evaluated_stopped=ev.stopped, ids=ev.ids,
                                      tokenize=lambda s: tok(s, add_special_tokens=False)["input_ids"])
     except BaseException:
