@@ -340,10 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     if failure:
         print(f"stopped: {failure}")
     if gain is None:
-        print("headline: no round finished")
+        print("no round finished: no held-out gain to report")
         return 1
-    print(f"headline: held-out ROUGE-L of the served champion after round {rows[-1]['round']} minus the first champion's: "
-          f"{gain['mean']:+.4f} [{gain['ci_low']:+.4f}, {gain['ci_high']:+.4f}] (paired, n={len(ids)}); "
+    print(f"{gain['mean']:+.4f} held-out ROUGE-L [{gain['ci_low']:+.4f}, {gain['ci_high']:+.4f}] of the served champion "
+          f"after round {rows[-1]['round']} vs the first champion (paired, n={len(ids)}; goal: interval above 0); "
           f"rounds promoted {promoted}/{len(rows) - 1}; manual steps 0{' (SMOKE: wiring only)' if a.smoke else ''}")
     return 0
 
