@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {rnd}: {row['decision']} ({row['reason']}); champion v{champion}", flush=True)
             # the served champion answers the corrected questions again
             row["corrected_now"] = mean(rouge_l([server.ask(c["prompt"], max_tokens)[0] for c in corrected.values()], refs))
+            if a.out:  # the rounds so far, so a run stopped early keeps what it measured
+                Path(a.out).write_text(json.dumps({"rows": rows, "sizes": sizes, "args": vars(a), "partial": True},
+                                                  indent=1, default=str))
     except (RuntimeError, TimeoutError) as e:  # the table of the rounds that finished still prints
         failure = str(e)
     finally:
