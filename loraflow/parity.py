@@ -245,6 +245,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def mlflow_serve_env(uri: str) -> dict[str, str]:
+    """The environment `mlflow models serve` runs in. It starts `uvicorn` by name through a shell, so the
+    interpreter's own bin folder goes first on PATH: run as `.venv/bin/python` (no venv activated) it otherwise
+    exits 127 and the parity gate rejects a good candidate (found by bench/loop.py). MLflow's scoring server answers
+    504 to a request running past 60 s by default: a batch of eval prompts on a busy CPU takes longer."""
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
+            "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "3600")}
+
+
 def replay_mlflow(params: Params, mode: str, version: str, adapter_dir: Path, prompts: list[list[dict]],
                   gp: GenerateParams) -> Served:
     """MLflow's own scoring server on the registered version (`mlflow models serve --env-manager local`), the
@@ -256,10 +266,7 @@ def replay_mlflow(params: Params, mode: str, version: str, adapter_dir: Path, pr
     t = time.perf_counter()
     port = _free_port()
     uri = tracking_uri(params)
-    # MLflow's scoring server answers 504 to a request running past 60 s by default: a batch of eval prompts on a
-    # busy CPU takes longer
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
-           "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "3600")}
+    env = mlflow_serve_env(uri)
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{registered_model_name(mode)}/{version}",
            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     log_file = Path(adapter_dir).parent / f".parity-mlflow-{os.getpid()}.log"

@@ -216,3 +216,20 @@ def test_a_server_that_stops_at_the_eos_alone_is_caught_by_the_gate(tmp_path, mo
     assert not bad["passed"] and served["identical"] == 0 and served["stop_rate"]["served"] == 0.0
     assert bad["reason"].startswith("parity: target server (loraflow serve's batched engine) does not answer as evaluated")
     assert "identical 0/1" in bad["reason"] and "evaluated 'um dois três' vs served 'um dois três quatro" in bad["reason"]
+
+
+def test_mlflow_serve_finds_uvicorn_without_an_activated_venv(monkeypatch):
+    """`mlflow models serve` execs `uvicorn` by name: with only the interpreter's path known (no venv on PATH, as
+    when a step runs as `.venv/bin/python -m ...`) it must still resolve, to this interpreter's own copy."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from loraflow.parity import mlflow_serve_env
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    env = mlflow_serve_env("sqlite:///x.db")
+    found = shutil.which("uvicorn", path=env["PATH"])
+    assert found is not None
+    assert Path(found).parent == Path(sys.executable).parent
+    assert env["MLFLOW_TRACKING_URI"] == env["MLFLOW_REGISTRY_URI"] == "sqlite:///x.db"
