@@ -51,7 +51,7 @@ def _flow(project: Path, env: dict[str, str], overrides: list[str], log: Path) -
                                 cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _when_training(project: Path, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+def _when_training(project: Path, proc: subprocess.Popen, log: Path, timeout: float = 1200) -> None:
     """Return once validate's report is written and train has begun (its output not yet there)."""
     deadline = time.monotonic() + timeout
     while not (project / OUTS["validate"]).exists():
@@ -103,7 +103,7 @@ def test_prefect_server_killed_mid_flow_then_down_at_its_end(project, tracking, 
             with _process(server_cmd, tmp_path, env, logs / "server-2.log") as again:
                 _wait_healthy(api, again, logs / "server-2.log")
                 back = time.monotonic() - killed
-                assert flow.wait(timeout=900) == 0, (logs / "flow-1.log").read_text()[-4000:]
+                assert flow.wait(timeout=1800) == 0, (logs / "flow-1.log").read_text()[-4000:]
                 runs = _runs(env)
         finally:
             if flow.poll() is None:
@@ -141,7 +141,7 @@ def test_prefect_server_killed_mid_flow_then_down_at_its_end(project, tracking, 
         assert [r["state"] for r in stale.values()] == ["Running"], stale  # the server cannot know it ended
 
         flow = _flow(project, env, changed, logs / "flow-3.log")
-        assert flow.wait(timeout=900) == 0, (logs / "flow-3.log").read_text()[-4000:]
+        assert flow.wait(timeout=1800) == 0, (logs / "flow-3.log").read_text()[-4000:]
         runs = _runs(env)
     text = (logs / "flow-3.log").read_text()
     (crashed_id, crashed), = stale.items()
@@ -172,7 +172,7 @@ def test_ephemeral_flow_killed_mid_train_resumes_from_cached_steps(project, trac
 
     t0 = time.monotonic()
     again = _flow(project, env, overrides, tmp_path / "flow-2.log")
-    assert again.wait(timeout=900) == 0, (tmp_path / "flow-2.log").read_text()[-4000:]
+    assert again.wait(timeout=1800) == 0, (tmp_path / "flow-2.log").read_text()[-4000:]
     took = time.monotonic() - t0
     text = (tmp_path / "flow-2.log").read_text()
     states = _task_states(text)
