@@ -14,9 +14,9 @@ from loraflow import cli
 
 
 def run_pipeline(mode: str, params_file: str, overrides: list[str], root: str) -> dict[str, Any]:
-    from flows.pipeline import pipeline
+    from flows.pipeline import run
 
-    return pipeline(mode, params_file, overrides, root)
+    return run(mode, params_file, overrides, root)
 
 
 def trigger(*args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -12,6 +12,11 @@ Deployments (nightly, on demand, training on a GPU pool): see prefect.yaml.
   Like `dvc repro`, the key ignores the registry: pass refresh=True to recompute everything.
 - A failed validation fails its task, so the flow ends Failed with the validation message and nothing
   downstream runs.
+- A run whose process ended without reporting how it ended (killed, or the Prefect server was unreachable
+  when it finished) stays Running in the server. The next run of the mode in the same project, once it holds the
+  mode's lock (so no live run can hold it), sets such runs Crashed, naming itself, and resumes from the cache.
+  Runs find each other by a tag naming the lock (`lock_tag`). Task states are events Prefect sends as they
+  happen: a server down mid-run loses them, not the run's work.
 - Training runs in-process, or, when `train_deployment` (env LORAFLOW_TRAIN_DEPLOYMENT) names a deployment
   of the `loraflow-train` flow, on that deployment's work pool (the GPU one), in the worker's own checkout:
   the validated data goes there and the adapter comes back through the DVC remote, by md5 (loraflow.handoff);
@@ -23,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -265,8 +271,50 @@ def pipeline(mode: str, params_file: str = "params.yaml", overrides: list[str] |
 
     params, p = _load(mode, params_file, overrides, root)
     # One run of a mode at a time (another flow run, `dvc repro`, the feedback trigger): refused, naming the holder.
-    with runlock.hold(p.root, mode, command=f"the loraflow flow, run {flow_run.name} ({' '.join(sys.argv)})"):
+    with runlock.hold(p.root, mode, command=f"the loraflow flow, run {flow_run.name} ({' '.join(sys.argv)})") as lock:
+        close_abandoned_runs(lock)
         return _pipeline(params, p, params_file, overrides, train_deployment, refresh, flow_run.name)
+
+
+def lock_tag(lock: Path) -> str:
+    """The tag every flow run holding this lock file (this host, this project, this mode) carries."""
+    return f"loraflow-lock:{socket.gethostname()}:{hashlib.sha256(str(lock).encode()).hexdigest()[:12]}"
+
+
+def close_abandoned_runs(lock: Path) -> list[str]:
+    """Tag this run with its lock, then set Crashed every other run with that tag the server still thinks is
+    under way: this run holds the lock, so their processes are gone. Returns their names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.logging import get_run_logger
+    from prefect.runtime import flow_run
+    from prefect.states import Crashed
+
+    tag, closed = lock_tag(lock), []
+    with get_client(sync_client=True) as client:
+        me = client.read_flow_run(flow_run.id)
+        client.update_flow_run(me.id, tags=sorted({*me.tags, tag}))
+        stale = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[tag]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))))
+        for fr in stale:
+            if fr.id == me.id:
+                continue
+            since = fr.start_time.isoformat(timespec="seconds") if fr.start_time else "?"
+            client.set_flow_run_state(fr.id, Crashed(message=(
+                f"its process ended without reporting how the run ended (killed, or the Prefect server was "
+                f"unreachable when it finished); found by flow run {me.name} ({me.id}), which took the lock {lock} "
+                f"after it. Steps it finished are cached: {me.name} recomputes only the rest")), force=True)
+            get_run_logger().warning("flow run %s (%s, started %s) was still %s with no process holding %s: set it "
+                                     "Crashed", fr.name, fr.id, since, fr.state.name if fr.state else "?", lock)
+            closed.append(fr.name)
+    return closed
 
 
 def _pipeline(params: Params, p: Paths, params_file: str, overrides: list[str] | None, train_deployment: str | None,
@@ -296,6 +344,25 @@ def _pipeline(params: Params, p: Paths, params_file: str, overrides: list[str] |
             f"base_{m}": metrics["base"][m]["mean"], f"candidate_{m}": metrics["candidate"][m]["mean"]}
 
 
+def run(mode: str, params_file: str = "params.yaml", overrides: list[str] | None = None, root: str = ".",
+        refresh: bool = False) -> dict[str, Any]:
+    """The flow, with a Prefect server lost mid-run said in words (Prefect raises its bare httpx error)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES
+
+    from loraflow.errors import LoraflowError
+
+    try:
+        return pipeline(mode, params_file, overrides, root, refresh=refresh)
+    except httpx.TransportError as e:
+        api = PREFECT_API_URL.value() or "(ephemeral)"
+        raise LoraflowError(
+            f"the Prefect server {api} stopped answering during the {mode} run ({type(e).__name__}: {e}; after "
+            f"PREFECT_CLIENT_MAX_RETRIES={PREFECT_CLIENT_MAX_RETRIES.value()} retries). The server still shows the run "
+            f"Running; the steps that finished are cached. Start the server and re-run: the next run sets that one "
+            f"Crashed and recomputes only what did not finish") from e
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -305,4 +372,10 @@ if __name__ == "__main__":
     ap.add_argument("-S", "--set", action="append", default=[])
     ap.add_argument("--refresh", action="store_true", help="recompute every step, cached or not")
     a = ap.parse_args()
-    print(pipeline(a.mode, a.params, a.set, refresh=a.refresh))
+    from loraflow.errors import LoraflowError
+
+    try:
+        print(run(a.mode, a.params, a.set, refresh=a.refresh))
+    except LoraflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

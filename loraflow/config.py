@@ -287,6 +287,12 @@ class PromoteParams(_Section):
     # and on every set (eval + guard sets) no worse than the reference by more than this; None = off
     degeneration_tolerance: float | None = Field(0.1, ge=0, le=1)
     parity: ParityParams = ParityParams()
+    # A registry behind a server (http[s]://) that does not answer: each registry write promote makes is retried
+    # this many times, waiting registry_backoff_s, then twice that, ... (at most 120 s a wait), then promote fails
+    # naming the server. 7 and 2 s are MLflow's own client defaults (about 4 minutes in all). A local sqlite store
+    # is tried once.
+    registry_retries: int = Field(7, ge=0)
+    registry_backoff_s: float = Field(2.0, ge=0)
 
     @field_validator("guards")
     @classmethod

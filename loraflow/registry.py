@@ -13,18 +13,29 @@ the alias in the UI at any moment; that is reported, never overwritten).
 
 The history is a registered-model tag holding an append-only JSON list of events
 `{"version", "by", "at", "note"}`; replaying it (a rollback pops) gives the stack of champions.
+
+A tracking server that stops answering (down, restarted) mid-promotion: every registry write promote makes is
+safe to repeat, so each is retried whole with exponential backoff (`retried`, params `promote.registry_retries`
+and `registry_backoff_s`; MLflow's own per-request retries are off inside, so the two do not multiply), then fails
+naming the server and the attempts. Repeating is safe because a version is created together with its adapter's
+hash tag (one transaction) and found by it before any new one is made, the alias lock taken by a holder that is
+gone (this process's failed attempt, a dead pid on this host) is broken at once, and no alias moves onto a version
+before its adapter has been downloaded back and its hash checked (`verify_artifacts`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import random
 import socket
+import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from loraflow import generation, models, tracking
 from loraflow.config import Params, registered_model_name
 from loraflow.errors import LoraflowError
-from loraflow.io import read_json
+from loraflow.io import read_json, sha256_file
 
 if TYPE_CHECKING:
     from loraflow.promotion import Decision
@@ -43,10 +54,117 @@ HISTORY_TAG = "loraflow.champion_history"
 ROLLED_BACK_TAG = "loraflow.rolled_back"
 LOCK_TTL_S = 600.0  # a lock older than this is a crashed holder's: registry writes take seconds
 MAX_EVENTS = 200  # keeps the tag well under MLflow's 100,000-character limit
+MAX_BACKOFF_S = 120.0  # urllib3's cap on a wait, which MLflow's own retries use
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
 class RegistryError(LoraflowError):
     """A registry operation could not be done as asked (busy lock, unknown version, nothing to roll back)."""
+
+
+class RegistryUnreachable(RegistryError):
+    """The tracking server did not answer after every retry."""
+
+
+# -- a registry that does not answer
+
+_http_lock = threading.Lock()
+_http_users = 0
+_http_saved: dict[str, str | None] = {}
+
+
+@contextlib.contextmanager
+def mlflow_http(retries: int, backoff: int = 1) -> Iterator[None]:
+    """MLflow's own per-request retries set to `retries` for the block (the caller retries), unless the user set
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES / _BACKOFF_FACTOR. MLflow reads them at each request; threads share the
+    setting of the first one in, restored when the last one leaves."""
+    global _http_users
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(backoff)}
+    with _http_lock:
+        if _http_users == 0:
+            _http_saved.clear()
+            for k, v in keys.items():
+                if k not in os.environ:
+                    _http_saved[k] = None
+                    os.environ[k] = v
+        _http_users += 1
+    try:
+        yield
+    finally:
+        with _http_lock:
+            _http_users -= 1
+            if _http_users == 0:
+                for k in _http_saved:
+                    os.environ.pop(k, None)
+                _http_saved.clear()
+
+
+def transient(e: BaseException) -> bool:
+    """True for an error that says the server did not answer, or answered "try again": no answer at all (MLflow
+    wraps connection errors as INTERNAL_ERROR, HTTP 500), a 5xx, 408 or 429. A 4xx is the request's fault."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, RegistryError):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import requests
+
+        if isinstance(e, requests.exceptions.RequestException):
+            return True
+    except ImportError:
+        pass
+    if isinstance(e, MlflowException):
+        code = e.get_http_status_code()
+        return code >= 500 or code in (408, 429)
+    return False
+
+
+def remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def retried(what: str) -> Callable:
+    """Retry a registry operation `f(params, ...)` whole on a transient error of a remote tracking server, with
+    exponential backoff (`promote.registry_retries`, `promote.registry_backoff_s`); then RegistryUnreachable naming
+    the server, the attempts and the time. Only for operations that are safe to repeat (see the module docstring)."""
+
+    def wrap(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def call(params: Params, *args: Any, **kw: Any) -> Any:
+            uri = tracking.tracking_uri(params)
+            tries = 1 + params.promote.registry_retries if remote(uri) else 1
+            wait, t0 = params.promote.registry_backoff_s, time.monotonic()
+            for attempt in range(1, tries + 1):
+                try:
+                    with mlflow_http(0):
+                        return f(params, *args, **kw)
+                except Exception as e:  # noqa: BLE001 - sorted by `transient`; anything else goes up as it is
+                    if not transient(e) or not remote(uri):
+                        raise
+                    if attempt == tries:
+                        raise RegistryUnreachable(
+                            f"MLflow tracking server {uri} did not answer while loraflow was trying to {what}: "
+                            f"{tries} attempts over {time.monotonic() - t0:.0f} s (promote.registry_retries="
+                            f"{params.promote.registry_retries}, registry_backoff_s={params.promote.registry_backoff_s:g},"
+                            f" doubling). Last error: {_short(e)}. Start the server (or point base.tracking_uri / "
+                            f"MLFLOW_TRACKING_URI at one) and re-run promote: it finds what it registered by the "
+                            f"adapter's hash and registers nothing twice") from e
+                    log.warning("registry %s: %s failed (attempt %d of %d: %s); retrying in %.1f s",
+                                uri, what, attempt, tries, _short(e), wait)
+                    time.sleep(wait)
+                    wait = min(2 * wait, MAX_BACKOFF_S)
+            raise AssertionError("unreachable")
+
+        return call
+
+    return wrap
+
+
+def _short(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) < 400 else text[:400] + "..."
 
 
 def lock_name(name: str) -> str:
@@ -59,7 +177,7 @@ def alias_lock(client, name: str, wait_s: float = 120.0, ttl_s: float = LOCK_TTL
     from mlflow.exceptions import MlflowException
 
     lock = lock_name(name)
-    holder = f"{socket.gethostname()}:{os.getpid()}"
+    holder = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -71,11 +189,15 @@ def alias_lock(client, name: str, wait_s: float = 120.0, ttl_s: float = LOCK_TTL
                 raise
         try:
             held = client.get_registered_model(lock)
-            if time.time() - float(held.tags.get("since", "0")) > ttl_s:
-                log.warning("registry: breaking stale lock %s held by %s", lock, held.tags.get("holder"))
+            gone = _holder_gone(held.tags.get("holder", ""), holder)
+            if gone or time.time() - float(held.tags.get("since", "0")) > ttl_s:
+                log.warning("registry: breaking stale lock %s held by %s (%s)", lock, held.tags.get("holder"),
+                            gone or f"older than {ttl_s:.0f} s")
                 client.delete_registered_model(lock)
                 continue
-        except MlflowException:
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
             continue  # released between our create and our look: try again at once
         if time.monotonic() > deadline:
             raise RegistryError(f"registered model {lock!r} (a lock on {name}'s aliases) is still held by "
@@ -85,6 +207,24 @@ def alias_lock(client, name: str, wait_s: float = 120.0, ttl_s: float = LOCK_TTL
         yield
     finally:
         client.delete_registered_model(lock)
+
+
+def _holder_gone(other: str, me: str) -> str | None:
+    """Why the lock's holder can no longer release it, or None: it is this very thread (an earlier attempt whose
+    release the server never saw), or a process of this host that no longer runs."""
+    if other == me:
+        return "left by this process's earlier attempt"
+    host, _, rest = other.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return f"its process {pid} no longer runs"
+    except PermissionError:
+        pass
+    return None
 
 
 def aliases(client, name: str) -> dict[str, str]:
@@ -214,6 +354,7 @@ def register(params: Params, mode: str, adapter_dir: Path, metrics: dict, decisi
     return move(params, mode, version, metrics, decision)
 
 
+@retried("register the adapter as a model version")
 def register_version(params: Params, mode: str, adapter_dir: Path, metrics: dict, decision: Decision) -> str:
     """Create (or reuse: one version per adapter content hash) the version and tag it with its evidence; no
     alias moves (steps/promote.py checks parity on it first). Returns the version."""
@@ -232,10 +373,12 @@ def register_version(params: Params, mode: str, adapter_dir: Path, metrics: dict
     except MlflowException:
         pass  # exists
 
-    # Idempotent: the same adapter (by content hash) is registered once, however often promote re-runs.
+    # Idempotent: the same adapter (by content hash) is registered once, however often promote re-runs. The
+    # version is created with its hash tag in one transaction, so an attempt cut off at any point leaves either no
+    # version or one this search finds (a model logged to the run but never registered is all it can leave).
     existing = client.search_model_versions(f"name='{name}' and tag.adapter_sha256='{sha}'")
     if existing:
-        version = str(existing[0].version)
+        version = str(min(int(v.version) for v in existing))
         log.info("registry: adapter %s already registered as %s v%s", sha[:12], name, version)
     else:
         with mlflow.start_run(run_id=info["mlflow_run_id"]):
@@ -247,14 +390,14 @@ def register_version(params: Params, mode: str, adapter_dir: Path, metrics: dict
                               "batch_size": params.evaluate.batch_size},
                 signature=signature(generation.load(adapter_dir, params.generate).max_new_tokens),
                 pip_requirements=["loraflow", "torch", "transformers", "peft", "mlflow"],
-                registered_model_name=name,
             )
-        version = str(model_info.registered_model_version)
+        version = str(mlflow.register_model(model_info.model_uri, name, tags={"adapter_sha256": sha}).version)
     for k, v in version_tags(params, Path(adapter_dir), mode, info, metrics, decision).items():
         client.set_model_version_tag(name, version, k, v)
     return version
 
 
+@retried("tag the model version")
 def set_tags(params: Params, mode: str, version: str, tags: dict[str, str]) -> None:
     import mlflow
 
@@ -264,6 +407,7 @@ def set_tags(params: Params, mode: str, version: str, tags: dict[str, str]) -> N
         client.set_model_version_tag(registered_model_name(mode), version, k, v)
 
 
+@retried("read the aliases")
 def current_aliases(params: Params, mode: str) -> dict[str, str]:
     """The mode's aliases now ({} when the registered model does not exist yet)."""
     import mlflow
@@ -272,17 +416,43 @@ def current_aliases(params: Params, mode: str) -> dict[str, str]:
     tracking.setup(params, mode)
     try:
         return aliases(mlflow.MlflowClient(), registered_model_name(mode))
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         return {}
 
 
+def verify_artifacts(client, name: str, version: str) -> str:
+    """Download the version back and check its adapter against the `adapter_sha256` tag it was created with:
+    an alias never points at a version that cannot be served. Returns the hash; RegistryError when it fails."""
+    import mlflow
+
+    mv = client.get_model_version(name, version)
+    want = mv.tags.get("adapter_sha256")
+    with tempfile.TemporaryDirectory(prefix="loraflow-verify-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        found = sorted(local.rglob(ADAPTER_FILE))
+        if not found or not (found[0].parent / "adapter_config.json").exists():
+            raise RegistryError(f"{name} v{version}: its artifacts ({mv.source}) hold no {ADAPTER_FILE} with an "
+                                f"adapter_config.json beside it (files lost from the artifact store?); no alias moved "
+                                f"onto it. Delete v{version} and re-run promote to register the adapter again")
+        got = sha256_file(found[0])
+    if want and got != want:
+        raise RegistryError(f"{name} v{version}: the downloaded {ADAPTER_FILE} has sha256 {got[:12]}..., the version "
+                            f"was registered with {want[:12]}... (tag adapter_sha256); no alias moved onto it")
+    return got
+
+
+@retried("move the aliases")
 def move(params: Params, mode: str, version: str, metrics: dict, decision: Decision) -> dict[str, Any]:
-    """Move the aliases as decided (under the registry lock) and record the outcome on the version."""
+    """Move the aliases as decided (under the registry lock, once the version's artifacts were downloaded back and
+    checked) and record the outcome on the version."""
     import mlflow
 
     name = registered_model_name(mode)
     tracking.setup(params, mode)
     client = mlflow.MlflowClient()
+    verify_artifacts(client, name, version)  # before the lock: a download may take a while
     with alias_lock(client, name):
         note = move_aliases(client, name, version, metrics, decision, params.promote.min_delta)
     client.set_model_version_tag(name, version, "alias_outcome", note)

@@ -83,18 +83,14 @@ class AdapterCache:
         """Read every `loraflow-*` model's champion; retire adapters whose mode's champion moved."""
         import mlflow
 
+        from loraflow.registry import mlflow_http
+
         try:
-            client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-            found: dict[str, str] = {}
-            token = None
-            while True:
-                page = client.search_registered_models(filter_string=f"name LIKE '{PREFIX}%'", page_token=token)
-                for m in page:
-                    if "champion" in (m.aliases or {}):
-                        found[m.name[len(PREFIX):]] = str(m.aliases["champion"])
-                token = page.token
-                if not token:
-                    break
+            # One quick retry: the poll itself is the retry loop. With MLflow's defaults (7 retries, about 4 min)
+            # /health would go on saying "ok" for minutes after the registry went away.
+            with mlflow_http(1):
+                found = self._champions(mlflow.MlflowClient(tracking_uri=self.tracking_uri,
+                                                            registry_uri=self.tracking_uri))
         except Exception as e:  # noqa: BLE001 - a registry outage must not take serving down
             with self.state:
                 self.registry_error = f"{type(e).__name__}: {e}"
@@ -113,6 +109,19 @@ class AdapterCache:
             log.info("mode %s: champion v%s -> v%s", mode, c["from"], c["to"])
         self._collect()
         return {"changed": changed, "error": None}
+
+    @staticmethod
+    def _champions(client) -> dict[str, str]:
+        found: dict[str, str] = {}
+        token = None
+        while True:
+            page = client.search_registered_models(filter_string=f"name LIKE '{PREFIX}%'", page_token=token)
+            for m in page:
+                if "champion" in (m.aliases or {}):
+                    found[m.name[len(PREFIX):]] = str(m.aliases["champion"])
+            token = page.token
+            if not token:
+                return found
 
     # -- adapters
 
@@ -181,10 +190,14 @@ class AdapterCache:
     def _load(self, mode: str, version: str) -> Adapter:
         import mlflow
 
+        from loraflow.registry import mlflow_http
+
         name = f"a{next(self._names)}_{mode}_v{version}"  # a counter first: no name is ever reused or a prefix of another
         dest = self._downloads / name
-        local = Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{registered_model_name(mode)}/{version}", dst_path=str(dest), tracking_uri=self.tracking_uri))
+        with mlflow_http(1):  # a request waits for this: with the registry down, answer by the base model soon
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{registered_model_name(mode)}/{version}", dst_path=str(dest),
+                tracking_uri=self.tracking_uri))
         found = next(iter(sorted(local.rglob("adapter_config.json"))), None)
         if found is None:
             raise FileNotFoundError(f"{registered_model_name(mode)} v{version} holds no adapter_config.json")
