@@ -660,3 +660,37 @@ def test_a_modes_only_adapter_replaced_by_a_new_version_still_answers(env, tmp_p
         assert out["text"] and out["finish_reason"] in ("stop", "length")
     finally:
         eng.close()
+
+
+def test_a_corrupt_adapter_file_leaves_nothing_in_the_model(tmp_path):
+    """An adapter whose weights file stops halfway (a torn upload): peft injected its layers before reading the
+    weights, so every failed try (each request to the mode retries) left a half-loaded adapter in the model, and the
+    first load, failing, left LoRA layers in the base model itself (found by bench/soak.py)."""
+    from loraflow.serve import ServeSettings
+    from loraflow.serve.adapters import Adapter
+    from loraflow.serve.engine import Engine
+
+    params = load_params(ROOT / "params.yaml")
+    good = make_adapter(params, tmp_path / "good", seed=41)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(good, corrupt)
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    def lora_modules(model) -> int:
+        return sum(1 for name, _ in model.named_modules() if name.endswith("lora_A"))
+
+    eng = Engine(params, ServeSettings(root=tmp_path))
+    try:
+        with pytest.raises(Exception, match="(?i)safetensor|deserializ|metadata"):
+            eng.attach(corrupt, "a1_bad_v1")  # the first load: no PeftModel yet
+        assert eng.peft is None and lora_modules(eng.base) == 0 and eng.attached() == 0
+        eng.attach(good, "a2_good_v1")
+        for n in range(3):
+            with pytest.raises(Exception, match="(?i)safetensor|deserializ|metadata"):
+                eng.attach(corrupt, f"a{3 + n}_bad_v1")
+        assert list(eng.peft.peft_config) == ["a2_good_v1"] and eng.attached() == 1
+        out = eng.generate(Adapter("a2_good_v1", "good", "1", good), Q, 6, 0.0, None)
+        assert out["text"] and out["finish_reason"] in ("stop", "length")
+    finally:
+        eng.close()
