@@ -662,10 +662,11 @@ def test_a_modes_only_adapter_replaced_by_a_new_version_still_answers(env, tmp_p
         eng.close()
 
 
-def test_a_corrupt_adapter_file_leaves_nothing_in_the_model(tmp_path):
+def test_a_corrupt_adapter_file_leaves_nothing_in_the_model_and_base_answers_once_all_are_unloaded(tmp_path):
     """An adapter whose weights file stops halfway (a torn upload): peft injected its layers before reading the
     weights, so every failed try (each request to the mode retries) left a half-loaded adapter in the model, and the
-    first load, failing, left LoRA layers in the base model itself (found by bench/soak.py)."""
+    first load, failing, left LoRA layers in the base model itself. And once every adapter was unloaded, peft still
+    named the last one active: a base-model request failed with a KeyError, a 500 (both found by bench/soak.py)."""
     from loraflow.serve import ServeSettings
     from loraflow.serve.adapters import Adapter
     from loraflow.serve.engine import Engine
@@ -692,5 +693,10 @@ def test_a_corrupt_adapter_file_leaves_nothing_in_the_model(tmp_path):
         assert list(eng.peft.peft_config) == ["a2_good_v1"] and eng.attached() == 1
         out = eng.generate(Adapter("a2_good_v1", "good", "1", good), Q, 6, 0.0, None)
         assert out["text"] and out["finish_reason"] in ("stop", "length")
+        eng.detach("a2_good_v1")  # the last adapter unloaded (its mode's champion moved)
+        assert eng.attached() == 0
+        base = eng.generate(None, Q, 6, 0.0, None)
+        assert base["text"] and base["text"] != out["text"]
     finally:
         eng.close()
+

@@ -208,9 +208,12 @@ class Engine:
                                   "stopping_criteria": StoppingCriteriaList([_RowsDone()])}
         with self.gen_lock:
             started = time.perf_counter()
-            if self.peft is not None:  # peft chooses each row's adapter; "__base__" rows skip LoRA
+            # peft chooses each row's adapter ("__base__" rows skip LoRA). With every adapter unloaded, peft still
+            # names the last one active and fails looking it up (KeyError: a 500 for a base-model request; found by
+            # bench/soak.py): the base model answers alone then (its LoRA layers hold no adapter and pass through).
+            model = self.peft if self.peft is not None and self.peft.peft_config else self.base
+            if model is self.peft:
                 kwargs["adapter_names"] = [j.ad.name if j.ad is not None else "__base__" for j in jobs]
-            model = self.peft if self.peft is not None else self.base
             with torch.inference_mode():
                 model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         self.batches = {"count": self.batches["count"] + 1, "rows": self.batches["rows"] + len(jobs),
