@@ -700,3 +700,25 @@ def test_a_corrupt_adapter_file_leaves_nothing_in_the_model_and_base_answers_onc
     finally:
         eng.close()
 
+
+def test_a_request_that_fails_is_counted_as_a_500(env, monkeypatch):
+    """A handler that raises answers 500; /metrics must count it (it counted nothing: found by bench/soak.py)."""
+    from fastapi.testclient import TestClient
+
+    from loraflow.serve import create_app
+
+    settings = type(env["settings"])(**{**vars(env["settings"]), "poll_interval": 0})
+    engine = env["app"].state.engine
+    app = create_app(env["params"], settings, engine=engine)
+
+    def fails(*args, **kwargs):  # the fault: generation raises, as peft's KeyError did
+        raise RuntimeError("injected generation failure")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        monkeypatch.setattr(engine, "generate", fails)
+        r = c.post("/chat", json={"mode": "alpha", "messages": Q, "max_tokens": 2})
+        monkeypatch.undo()
+        assert r.status_code == 500
+        m = scrape(c.get)
+    assert m[("loraflow_requests_total", frozenset({"route": "/chat", "mode": "alpha", "status": "500"}.items()))] == 1
+    assert m[("loraflow_request_duration_seconds_count", frozenset({"route": "/chat", "mode": "alpha"}.items()))] == 1

@@ -168,7 +168,14 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
         try:
             return await loop.run_in_executor(pool, lambda: engine.generate(ad, msgs, n, temperature, top_p, **kw))
         finally:
-            engine.adapters.release(ad)
+            # Never on the event loop: releasing the last user of a retired adapter unloads it, which waits for the
+            # batch generating now (the model's lock): the whole server stopped answering, /health included, for as
+            # long as that batch ran (found by bench/soak.py). Submitted, not awaited: a cancelled request (its
+            # client gone) must still release.
+            try:
+                pool.submit(engine.adapters.release, ad)
+            except RuntimeError:  # the pool is shut down (the server is stopping)
+                engine.adapters.release(ad)
 
     def served(mode: str | None, ad: Adapter | None, note: str | None) -> dict[str, Any]:
         return {"mode": mode, "adapter": ad.name if ad else "base", "version": ad.version if ad else None, "fallback": note}
@@ -348,10 +355,22 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
         if request.url.path == "/metrics":
             return await call_next(request)
         started = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "other")
-        # The handlers set state.mode once they know it; a request refused before that has no mode ("").
-        mode = metrics.mode_label(request.state.mode) if hasattr(request.state, "mode") else ""
+
+        def labels() -> tuple[str, str]:
+            # The handlers set state.mode once they know it; a request refused before that has no mode ("").
+            mode = metrics.mode_label(request.state.mode) if hasattr(request.state, "mode") else ""
+            return getattr(request.scope.get("route"), "path", "other"), mode
+
+        try:
+            response = await call_next(request)
+        except Exception:
+            # A handler that raised: the client gets a 500 (Starlette's error middleware), and operators must see
+            # it counted (it was not: found by bench/soak.py).
+            route, mode = labels()
+            metrics.requests.labels(route, mode, "500").inc()
+            metrics.latency.labels(route, mode).observe(time.perf_counter() - started)
+            raise
+        route, mode = labels()
         body = response.body_iterator
 
         async def timed():
