@@ -722,3 +722,19 @@ def test_a_request_that_fails_is_counted_as_a_500(env, monkeypatch):
         m = scrape(c.get)
     assert m[("loraflow_requests_total", frozenset({"route": "/chat", "mode": "alpha", "status": "500"}.items()))] == 1
     assert m[("loraflow_request_duration_seconds_count", frozenset({"route": "/chat", "mode": "alpha"}.items()))] == 1
+
+
+def test_other_requests_answer_while_health_waits_for_a_feedback_append(env):
+    """An append holds the feedback lock across two fsyncs (seconds on a busy disk). /health reads the feedback
+    status under that lock: on the event loop, it stopped every other request with it (bench/soak.py: 15 s)."""
+    url, sink = env["url"], env["app"].state.feedback
+    got = {}
+    with sink.lock:  # an append in progress, its fsync stuck
+        waiting = threading.Thread(target=lambda: got.update(health=httpx.get(f"{url}/health", timeout=120)))
+        waiting.start()
+        time.sleep(1.0)  # /health is waiting for the lock now
+        t = time.perf_counter()
+        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 200
+        assert time.perf_counter() - t < 10 and waiting.is_alive()
+    waiting.join(60)
+    assert got["health"].status_code == 200 and got["health"].json()["status"] in ("ok", "degraded")

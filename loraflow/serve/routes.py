@@ -182,13 +182,20 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
-        h = engine.health()
-        if settings.keys and request.state.key is None:  # liveness for anyone; the details for key holders
-            return {"status": h["status"]}
-        # each mode's last pipeline decision (the loop's outcome: promoted, or rejected and which version stays)
-        for mode, m in h.get("modes", {}).items():
-            m["last_outcome"] = last_outcome(Path(settings.root), mode)
-        return {**h, "feedback": sink.status()}
+        details = not settings.keys or request.state.key is not None  # liveness for anyone; details for key holders
+
+        def read() -> dict[str, Any]:
+            h = engine.health()
+            if not details:
+                return {"status": h["status"]}
+            # each mode's last pipeline decision (the loop's outcome: promoted, or rejected and which version stays)
+            for mode, m in h.get("modes", {}).items():
+                m["last_outcome"] = last_outcome(Path(settings.root), mode)
+            return {**h, "feedback": sink.status()}
+
+        # Off the event loop: the feedback status waits for an append in progress, which holds its lock across two
+        # fsyncs (seconds on a busy disk): /health, and every other request with it, waited (bench/soak.py: 15 s).
+        return await asyncio.get_running_loop().run_in_executor(pool, read)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
