@@ -17,6 +17,10 @@ by `loraflow serve` (flushed and fsynced) and never rewritten. Each line is a JS
      "key": "support-team",             # the API key's name that sent it (null: the server had no keys)
      "trains": true}                    # whether that key may train; false: recorded, quarantined by curation
 
+A line torn by a crash mid-append (it ends without a newline) is sealed with one, appended, when the server starts
+(`seal_torn_lines`) and before any append after it: the fragment stays a line of its own, which curation quarantines
+as not valid JSON, and no acknowledged event is ever glued onto it.
+
 Curation (`sft_and_pref`) turns an event into at most one SFT conversation and one preference pair:
 a correction -> SFT on prompt + correction, and the pair (correction over the served answer);
 rating >= the threshold without a correction -> SFT on prompt + answer; preferred/rejected -> the pair.
@@ -65,8 +69,11 @@ def append_event(root: Path, event: dict[str, Any]) -> Path:
     line = dumps({"schema": SCHEMA, **event}) + "\n"
     with _append_lock:
         created = not path.exists()
+        # A line torn by a crash mid-append ends without a newline: this event must not be glued onto it (the
+        # acknowledged event would be lost in an unparseable line). The fragment stays a line of its own.
+        torn = not created and torn_tail(path) is not None
         with open(path, "a", encoding="utf-8") as f:
-            f.write(line)
+            f.write(("\n" if torn else "") + line)
             f.flush()
             os.fsync(f.fileno())
         if created:
@@ -76,6 +83,42 @@ def append_event(root: Path, event: dict[str, Any]) -> Path:
             finally:
                 os.close(fd)
     return path
+
+
+def torn_tail(path: Path) -> str | None:
+    """The file's last line when it ends without a newline (torn by a crash mid-append), else None."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return None
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return None
+        f.seek(max(0, size - 65_536))
+        return f.read().rsplit(b"\n", 1)[-1].decode("utf-8", errors="replace")
+
+
+def seal_torn_lines(root: Path) -> list[dict[str, Any]]:
+    """End every feedback file's torn last line with a newline (appended: the file is never rewritten), so the
+    fragment is a line of its own, which curation quarantines ("not valid JSON"), and the next event starts clean.
+    Returns one entry per sealed line: file, line number, the fragment's start, and the reason."""
+    sealed = []
+    base = Path(root) / "data" / "raw" / "feedback"
+    for path in sorted(base.glob("*/*.jsonl")) if base.is_dir() else []:
+        with _append_lock:
+            fragment = torn_tail(path)
+            if fragment is None:
+                continue
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+        with open(path, "rb") as f:
+            line = sum(1 for _ in f)
+        sealed.append({"file": str(path), "line": line, "mode": path.parent.name, "start": fragment[:80],
+                       "reason": f"torn line ({len(fragment.encode())} bytes, no newline: a crash mid-append?); "
+                                 "sealed with a newline, curation quarantines it"})
+    return sealed
 
 
 class Untrainable(ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -100,3 +101,44 @@ def test_events_from_keys_that_may_not_train_are_counted_apart_and_teach_nothing
     assert fb.count_events(tmp_path, "m") == 2
     with pytest.raises(ValueError, match="'public-app', which may not train"):
         fb.sft_and_pref(event(correction="Melhor.", key="public-app", trains=False), 4)
+
+
+def test_a_torn_last_line_is_sealed_at_server_start_and_quarantined_and_no_event_is_glued_to_it(tmp_path):
+    """A crash mid-append leaves half a line without its newline. The server starting on that file seals it (says so
+    in its feedback status, with a reason), the next acknowledged event is a line of its own, and curation curates
+    that event and quarantines the fragment. The same holds for an append right after a tear, without a restart."""
+    from loraflow.serve import ServeSettings
+    from loraflow.serve.feedback import FeedbackSink
+
+    fb.append_event(tmp_path, event(event_id="fb-whole", rating=5))
+    path = fb.append_event(tmp_path, event(event_id="fb-torn", rating=5))
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) - 40])  # the second line loses its end and its newline
+    assert fb.torn_tail(path) is not None and fb.count_events(tmp_path, "m") == 1
+
+    sink = FeedbackSink(ServeSettings(root=tmp_path, feedback_threshold=0))  # the server starting on it
+    sealed = sink.status()["m"]["torn_lines_sealed"]
+    assert [(s["file"], s["line"]) for s in sealed] == [(str(path), 2)] and "torn line" in sealed[0]["reason"]
+    assert fb.torn_tail(path) is None
+    sink.record(event(event_id="fb-after-restart", rating=1, correction="ROAS é receita sobre investimento."))
+
+    with open(path, "a", encoding="utf-8") as f:  # torn again while serving (another writer died mid-line)
+        f.write('{"schema": 1, "event_id": "fb-cut')
+    fb.append_event(tmp_path, event(event_id="fb-after-tear", rating=5, answer="Outra resposta."))
+
+    lines = path.read_text(encoding="utf-8").splitlines()
+    parsed = {}
+    for i, line in enumerate(lines, 1):
+        with contextlib.suppress(ValueError):
+            parsed[json.loads(line)["event_id"]] = i
+    assert parsed == {"fb-whole": 1, "fb-after-restart": 3, "fb-after-tear": 5} and len(lines) == 5
+    assert fb.count_events(tmp_path, "m") == 3
+
+    raw = tmp_path / "raw" / "m"
+    write_jsonl(raw / "a.jsonl", [chat("Pergunta?", "Resposta.")])
+    curate.run(PARAMS, raw, tmp_path / "out", fb.feedback_dir(tmp_path, "m"))
+    recs = read_jsonl(tmp_path / "out" / "train.jsonl") + read_jsonl(tmp_path / "out" / "eval.jsonl")
+    name = f"feedback/m/{path.name}"
+    assert {r["source"] for r in recs if r["source"].startswith("feedback/")} == {f"{name}#1", f"{name}#3", f"{name}#5"}
+    quarantined = {q["source"]: q["reason"] for q in read_jsonl(tmp_path / "out" / "quarantine.jsonl")}
+    assert {f"{name}#2", f"{name}#4"} <= set(quarantined) and "not valid JSON" in quarantined[f"{name}#2"]

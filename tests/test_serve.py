@@ -660,3 +660,81 @@ def test_a_modes_only_adapter_replaced_by_a_new_version_still_answers(env, tmp_p
         assert out["text"] and out["finish_reason"] in ("stop", "length")
     finally:
         eng.close()
+
+
+def test_a_corrupt_adapter_file_leaves_nothing_in_the_model_and_base_answers_once_all_are_unloaded(tmp_path):
+    """An adapter whose weights file stops halfway (a torn upload): peft injected its layers before reading the
+    weights, so every failed try (each request to the mode retries) left a half-loaded adapter in the model, and the
+    first load, failing, left LoRA layers in the base model itself. And once every adapter was unloaded, peft still
+    named the last one active: a base-model request failed with a KeyError, a 500 (both found by bench/soak.py)."""
+    from loraflow.serve import ServeSettings
+    from loraflow.serve.adapters import Adapter
+    from loraflow.serve.engine import Engine
+
+    params = load_params(ROOT / "params.yaml")
+    good = make_adapter(params, tmp_path / "good", seed=41)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(good, corrupt)
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    def lora_modules(model) -> int:
+        return sum(1 for name, _ in model.named_modules() if name.endswith("lora_A"))
+
+    eng = Engine(params, ServeSettings(root=tmp_path))
+    try:
+        with pytest.raises(Exception, match="(?i)safetensor|deserializ|metadata"):
+            eng.attach(corrupt, "a1_bad_v1")  # the first load: no PeftModel yet
+        assert eng.peft is None and lora_modules(eng.base) == 0 and eng.attached() == 0
+        eng.attach(good, "a2_good_v1")
+        for n in range(3):
+            with pytest.raises(Exception, match="(?i)safetensor|deserializ|metadata"):
+                eng.attach(corrupt, f"a{3 + n}_bad_v1")
+        assert list(eng.peft.peft_config) == ["a2_good_v1"] and eng.attached() == 1
+        out = eng.generate(Adapter("a2_good_v1", "good", "1", good), Q, 6, 0.0, None)
+        assert out["text"] and out["finish_reason"] in ("stop", "length")
+        eng.detach("a2_good_v1")  # the last adapter unloaded (its mode's champion moved)
+        assert eng.attached() == 0
+        base = eng.generate(None, Q, 6, 0.0, None)
+        assert base["text"] and base["text"] != out["text"]
+    finally:
+        eng.close()
+
+
+def test_a_request_that_fails_is_counted_as_a_500(env, monkeypatch):
+    """A handler that raises answers 500; /metrics must count it (it counted nothing: found by bench/soak.py)."""
+    from fastapi.testclient import TestClient
+
+    from loraflow.serve import create_app
+
+    settings = type(env["settings"])(**{**vars(env["settings"]), "poll_interval": 0})
+    engine = env["app"].state.engine
+    app = create_app(env["params"], settings, engine=engine)
+
+    def fails(*args, **kwargs):  # the fault: generation raises, as peft's KeyError did
+        raise RuntimeError("injected generation failure")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        monkeypatch.setattr(engine, "generate", fails)
+        r = c.post("/chat", json={"mode": "alpha", "messages": Q, "max_tokens": 2})
+        monkeypatch.undo()
+        assert r.status_code == 500
+        m = scrape(c.get)
+    assert m[("loraflow_requests_total", frozenset({"route": "/chat", "mode": "alpha", "status": "500"}.items()))] == 1
+    assert m[("loraflow_request_duration_seconds_count", frozenset({"route": "/chat", "mode": "alpha"}.items()))] == 1
+
+
+def test_other_requests_answer_while_health_waits_for_a_feedback_append(env):
+    """An append holds the feedback lock across two fsyncs (seconds on a busy disk). /health reads the feedback
+    status under that lock: on the event loop, it stopped every other request with it (bench/soak.py: 15 s)."""
+    url, sink = env["url"], env["app"].state.feedback
+    got = {}
+    with sink.lock:  # an append in progress, its fsync stuck
+        waiting = threading.Thread(target=lambda: got.update(health=httpx.get(f"{url}/health", timeout=120)))
+        waiting.start()
+        time.sleep(1.0)  # /health is waiting for the lock now
+        t = time.perf_counter()
+        assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 200
+        assert time.perf_counter() - t < 10 and waiting.is_alive()
+    waiting.join(60)
+    assert got["health"].status_code == 200 and got["health"].json()["status"] in ("ok", "degraded")

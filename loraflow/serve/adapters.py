@@ -194,15 +194,20 @@ class AdapterCache:
 
         name = f"a{next(self._names)}_{mode}_v{version}"  # a counter first: no name is ever reused or a prefix of another
         dest = self._downloads / name
-        with mlflow_http(1):  # a request waits for this: with the registry down, answer by the base model soon
-            local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{registered_model_name(mode)}/{version}", dst_path=str(dest),
-                tracking_uri=self.tracking_uri))
-        found = next(iter(sorted(local.rglob("adapter_config.json"))), None)
-        if found is None:
-            raise FileNotFoundError(f"{registered_model_name(mode)} v{version} holds no adapter_config.json")
-        t = time.perf_counter()
-        self.host.attach(found.parent, name)
+        try:
+            with mlflow_http(1):  # a request waits for this: with the registry down, answer by the base model soon
+                local = Path(mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{registered_model_name(mode)}/{version}", dst_path=str(dest),
+                    tracking_uri=self.tracking_uri))
+            found = next(iter(sorted(local.rglob("adapter_config.json"))), None)
+            if found is None:
+                raise FileNotFoundError(f"{registered_model_name(mode)} v{version} holds no adapter_config.json")
+            t = time.perf_counter()
+            self.host.attach(found.parent, name)
+        except BaseException:
+            # a failed load is retried by the next request with a new name: its download must not pile up
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
         log.info("mode %s: loaded v%s as %s in %.2f s", mode, version, name, time.perf_counter() - t)
         return Adapter(name, mode, version, found.parent, gen=generation.load(found.parent, self.params.generate))
 

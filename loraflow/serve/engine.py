@@ -92,25 +92,43 @@ class Engine:
     # -- the adapter cache's hooks
 
     def attach(self, folder: Path, name: str) -> None:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
+        from peft.utils import load_peft_weights
 
+        # Read the adapter's files before touching the model: peft injects an adapter's layers before it reads its
+        # weights, so a corrupt file left a half-loaded adapter in the shared model on every try (each request to
+        # a broken mode retries: memory grew by one adapter per request; found by bench/soak.py).
+        PeftConfig.from_pretrained(str(folder))
+        load_peft_weights(str(folder), device="cpu")
         with self.gen_lock:  # loading injects layers into the shared model: not while it generates
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name).eval()
-            else:
+                return
+            try:
                 self.peft.load_adapter(str(folder), adapter_name=name)
-                # peft keeps a deleted adapter's name as the active one when it was the last loaded (a mode's
-                # champion replaced): generate() would then look it up and fail with a KeyError
-                if self.peft.active_adapter not in self.peft.peft_config:
-                    self.peft.set_adapter(name)
+            except BaseException:
+                self._drop(name)  # whatever the failed load injected
+                raise
+            # peft keeps a deleted adapter's name as the active one when it was the last loaded (a mode's
+            # champion replaced): generate() would then look it up and fail with a KeyError
+            if self.peft.active_adapter not in self.peft.peft_config:
+                self.peft.set_adapter(name)
 
     def detach(self, name: str) -> None:
         with self.gen_lock:
-            if self.peft is not None and name in self.peft.peft_config:
-                self.peft.delete_adapter(name)
-                left = list(self.peft.peft_config)
-                if left and self.peft.active_adapter not in self.peft.peft_config:
-                    self.peft.set_adapter(left[-1])
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:  # under gen_lock
+        if self.peft is not None and name in self.peft.peft_config:
+            self.peft.delete_adapter(name)
+            left = list(self.peft.peft_config)
+            if left and self.peft.active_adapter not in self.peft.peft_config:
+                self.peft.set_adapter(left[-1])
+
+    def attached(self) -> int:
+        """LoRA adapters in the model itself (peft's own count), whatever the cache believes it loaded."""
+        peft = self.peft
+        return 0 if peft is None else len(peft.peft_config)
 
     # -- generation
 
@@ -190,9 +208,12 @@ class Engine:
                                   "stopping_criteria": StoppingCriteriaList([_RowsDone()])}
         with self.gen_lock:
             started = time.perf_counter()
-            if self.peft is not None:  # peft chooses each row's adapter; "__base__" rows skip LoRA
+            # peft chooses each row's adapter ("__base__" rows skip LoRA). With every adapter unloaded, peft still
+            # names the last one active and fails looking it up (KeyError: a 500 for a base-model request; found by
+            # bench/soak.py): the base model answers alone then (its LoRA layers hold no adapter and pass through).
+            model = self.peft if self.peft is not None and self.peft.peft_config else self.base
+            if model is self.peft:
                 kwargs["adapter_names"] = [j.ad.name if j.ad is not None else "__base__" for j in jobs]
-            model = self.peft if self.peft is not None else self.base
             with torch.inference_mode():
                 model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         self.batches = {"count": self.batches["count"] + 1, "rows": self.batches["rows"] + len(jobs),

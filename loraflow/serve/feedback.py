@@ -58,6 +58,10 @@ class FeedbackSink:
         self.state: dict[str, dict[str, Any]] = read_json(self.state_file) if self.state_file.exists() else {}
         self.runs: dict[str, dict[str, Any]] = {}  # mode -> the last run started (with its process when local)
         self.counts: dict[str, int] = {}  # events on disk per mode, counted once then kept up to date
+        # A crash mid-append leaves a torn last line: sealed before the first event is appended after it.
+        self.torn = fb.seal_torn_lines(settings.root)
+        for t in self.torn:
+            log.warning("feedback: %s line %d: %s", t["file"], t["line"], t["reason"])
 
     def record(self, event: dict[str, Any]) -> dict[str, Any]:
         """Append the event; count it toward the mode's threshold only when its key may train (event["trains"])."""
@@ -112,6 +116,9 @@ class FeedbackSink:
                 proc = (run or {}).get("process")
                 out[mode] = {**st, "run_exit_code": None if proc is None else proc.poll(),
                              "last_outcome": last_outcome(Path(self.settings.root), mode)}
+            for t in self.torn:
+                out.setdefault(t["mode"], {}).setdefault("torn_lines_sealed", []).append(
+                    {k: v for k, v in t.items() if k != "mode"})
             return out
 
 

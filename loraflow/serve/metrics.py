@@ -68,6 +68,12 @@ class _AdapterState:
             failing.add_metric([m], 1)
         yield loaded
         yield failing
+        # The model's own count (peft's adapters): equals the sum of loraflow_adapters_loaded unless a load or an
+        # unload went wrong and left an adapter in the model that the cache no longer knows (a leak).
+        attached = getattr(self.cache.host, "attached", None)
+        if attached is not None:
+            yield GaugeMetricFamily("loraflow_model_adapters", "LoRA adapters attached to the model itself (peft)",
+                                    value=attached())
 
 
 class ServerMetrics:

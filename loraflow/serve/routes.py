@@ -168,20 +168,34 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
         try:
             return await loop.run_in_executor(pool, lambda: engine.generate(ad, msgs, n, temperature, top_p, **kw))
         finally:
-            engine.adapters.release(ad)
+            # Never on the event loop: releasing the last user of a retired adapter unloads it, which waits for the
+            # batch generating now (the model's lock): the whole server stopped answering, /health included, for as
+            # long as that batch ran (found by bench/soak.py). Submitted, not awaited: a cancelled request (its
+            # client gone) must still release.
+            try:
+                pool.submit(engine.adapters.release, ad)
+            except RuntimeError:  # the pool is shut down (the server is stopping)
+                engine.adapters.release(ad)
 
     def served(mode: str | None, ad: Adapter | None, note: str | None) -> dict[str, Any]:
         return {"mode": mode, "adapter": ad.name if ad else "base", "version": ad.version if ad else None, "fallback": note}
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
-        h = engine.health()
-        if settings.keys and request.state.key is None:  # liveness for anyone; the details for key holders
-            return {"status": h["status"]}
-        # each mode's last pipeline decision (the loop's outcome: promoted, or rejected and which version stays)
-        for mode, m in h.get("modes", {}).items():
-            m["last_outcome"] = last_outcome(Path(settings.root), mode)
-        return {**h, "feedback": sink.status()}
+        details = not settings.keys or request.state.key is not None  # liveness for anyone; details for key holders
+
+        def read() -> dict[str, Any]:
+            h = engine.health()
+            if not details:
+                return {"status": h["status"]}
+            # each mode's last pipeline decision (the loop's outcome: promoted, or rejected and which version stays)
+            for mode, m in h.get("modes", {}).items():
+                m["last_outcome"] = last_outcome(Path(settings.root), mode)
+            return {**h, "feedback": sink.status()}
+
+        # Off the event loop: the feedback status waits for an append in progress, which holds its lock across two
+        # fsyncs (seconds on a busy disk): /health, and every other request with it, waited (bench/soak.py: 15 s).
+        return await asyncio.get_running_loop().run_in_executor(pool, read)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -348,10 +362,22 @@ def create_app(params: Params, settings: ServeSettings, engine: Engine | None = 
         if request.url.path == "/metrics":
             return await call_next(request)
         started = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "other")
-        # The handlers set state.mode once they know it; a request refused before that has no mode ("").
-        mode = metrics.mode_label(request.state.mode) if hasattr(request.state, "mode") else ""
+
+        def labels() -> tuple[str, str]:
+            # The handlers set state.mode once they know it; a request refused before that has no mode ("").
+            mode = metrics.mode_label(request.state.mode) if hasattr(request.state, "mode") else ""
+            return getattr(request.scope.get("route"), "path", "other"), mode
+
+        try:
+            response = await call_next(request)
+        except Exception:
+            # A handler that raised: the client gets a 500 (Starlette's error middleware), and operators must see
+            # it counted (it was not: found by bench/soak.py).
+            route, mode = labels()
+            metrics.requests.labels(route, mode, "500").inc()
+            metrics.latency.labels(route, mode).observe(time.perf_counter() - started)
+            raise
+        route, mode = labels()
         body = response.body_iterator
 
         async def timed():
