@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from loraflow import generation, models, tracking
 from loraflow.config import Params, registered_model_name
 from loraflow.errors import LoraflowError
-from loraflow.io import read_json
+from loraflow.io import owner_gone, read_json
 
 if TYPE_CHECKING:
     from loraflow.promotion import Decision
@@ -71,7 +71,8 @@ def alias_lock(client, name: str, wait_s: float = 120.0, ttl_s: float = LOCK_TTL
                 raise
         try:
             held = client.get_registered_model(lock)
-            if time.time() - float(held.tags.get("since", "0")) > ttl_s:
+            since = float(held.tags.get("since", "0"))
+            if time.time() - since > ttl_s or _holder_gone(held.tags.get("holder", ""), since):
                 log.warning("registry: breaking stale lock %s held by %s", lock, held.tags.get("holder"))
                 client.delete_registered_model(lock)
                 continue
@@ -85,6 +86,12 @@ def alias_lock(client, name: str, wait_s: float = 120.0, ttl_s: float = LOCK_TTL
         yield
     finally:
         client.delete_registered_model(lock)
+
+
+def _holder_gone(holder: str, since: float) -> bool:
+    """A lock taken by a process of this host that is no longer running (killed while it held the lock)."""
+    host, _, pid = holder.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and owner_gone(int(pid), since)
 
 
 def aliases(client, name: str) -> dict[str, str]:
@@ -247,9 +254,10 @@ def register_version(params: Params, mode: str, adapter_dir: Path, metrics: dict
                               "batch_size": params.evaluate.batch_size},
                 signature=signature(generation.load(adapter_dir, params.generate).max_new_tokens),
                 pip_requirements=["loraflow", "torch", "transformers", "peft", "mlflow"],
-                registered_model_name=name,
             )
-        version = str(model_info.registered_model_version)
+        # The version is created with its adapter hash in one registry write, after its artifacts are logged: a
+        # promote killed at any point leaves no version without artifacts, nor one the re-run cannot find.
+        version = str(mlflow.register_model(model_info.model_uri, name, tags={"adapter_sha256": sha}).version)
     for k, v in version_tags(params, Path(adapter_dir), mode, info, metrics, decision).items():
         client.set_model_version_tag(name, version, k, v)
     return version
