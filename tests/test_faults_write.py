@@ -417,3 +417,76 @@ def test_sigkill_mid_write_leaves_the_previous_output_and_the_rerun_gives_the_un
         decision = json.loads((out / "decision.json").read_text())
         state = _registry_state(p.registry)
         assert list(state["versions"]) == [decision["version"]] and state["aliases"] == {"champion": decision["version"]}
+
+
+MOUNT = {"curate": "data/curated", "validate": "data/validation", "train": "data/adapters", "evaluate": f"data/eval/{M}",
+         "promote": "data/promotion", "model_card": "model_cards"}
+# The path each step's error line names (as the step was given it, relative to the project).
+FULL_AT = {"curate": f"data/curated/{M}: disk full while writing it", "validate": f"data/validation/{M}: disk full while",
+           "train": f"data/adapters/{M}: disk full while writing it", "evaluate": f"data/eval/{M}/metrics.json: disk full: "
+           "writing predictions.jsonl, comparison.png, report.html, metrics.json (staged whole before any is replaced) needs",
+           "promote": f"data/promotion/{M}: disk full: 256.0 KiB (262,144 bytes) are reserved for it before any other work",
+           "model_card": f"model_cards/{M}.md: disk full: writing it needs"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", list(COMMANDS))
+def test_disk_full_during_the_write_fails_clearly_and_changes_nothing(pipeline, step, tmpfs):
+    p = pipeline
+    mount = p.project / MOUNT[step]
+    keep = {str(f.relative_to(mount)): f.read_bytes() for f in mount.rglob("*") if f.is_file()}
+    if step == "promote":
+        _forget_registry(p.registry)  # a registry that never saw this adapter
+    before = _registry_state(p.registry)
+    tmpfs(mount, f"{sum(map(len, keep.values())) + (2 << 20)}")
+    for rel, data in keep.items():  # the previous outputs, on the small disk
+        (mount / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mount / rel).write_bytes(data)
+    _fill(mount, 0)
+    r = _step(p.project, step, p.sets)
+    assert r.returncode == 1, r.stderr[-3000:]
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith(f"error: {FULL_AT[step]}") and " free " in err, r.stderr[-3000:]
+    assert {str(f.relative_to(mount)): f.read_bytes() for f in mount.rglob("*") if f.is_file() and f.name != "filler"} == keep
+    assert not list(mount.rglob("*.tmp-*"))
+    assert _registry_state(p.registry) == before  # nothing registered, no alias moved
+
+
+@pytest.mark.slow
+def test_dvc_repro_killed_mid_step_then_dvc_repro_completes_as_before(pipeline):
+    """The real `dvc repro` and the step it runs, SIGKILLed together (a cancelled CI job) during evaluate's write;
+    the next `dvc repro` re-runs what is stale and ends with the outputs the uninterrupted run recorded."""
+    p, dvc = pipeline, str(BIN / "dvc")
+    shutil.copy(ROOT / ".gitignore", p.project / ".gitignore")
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "commit", "-f", "-q"]):  # record the run so far
+        r = subprocess.run(cmd, cwd=p.project, env=_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
+    before = yaml.safe_load((p.project / "dvc.lock").read_text())["stages"]
+    _forget_registry(p.registry)
+    log = p.project / "kill.log"
+    log.unlink(missing_ok=True)
+    env = _env(LORAFLOW_KILL_AT="|".join(map(str, KILL_AT["evaluate"])), LORAFLOW_KILL_IN="*/steps/evaluate.py",
+               LORAFLOW_KILL_LOG=str(log), LORAFLOW_KILL_GROUP="1")
+    env["PYTHONPATH"] = f"{KILLPOINT}{os.pathsep}{env['PYTHONPATH']}"
+    killed = subprocess.run([dvc, "repro", "--force", "--single-item", f"evaluate@{M}"], cwd=p.project, env=env,
+                            capture_output=True, text=True, timeout=900, start_new_session=True)
+    assert killed.returncode == -signal.SIGKILL and len(log.read_text().splitlines()) == 1, killed.stderr[-3000:]
+    assert not (p.project / OUTPUTS["evaluate"] / "metrics.json").exists()
+    t = time.monotonic()
+    again = subprocess.run([dvc, "repro"], cwd=p.project, env=_env(), capture_output=True, text=True, timeout=1800)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    print(f"dvc repro after the kill: {time.monotonic() - t:.1f} s\n{again.stdout}")
+    assert f"Running stage 'evaluate@{M}'" in again.stdout and f"Running stage 'train@{M}'" not in again.stdout
+    status = subprocess.run([dvc, "status", "-q"], cwd=p.project, env=_env(), capture_output=True, text=True)
+    assert status.returncode == 0, status.stdout
+    after = yaml.safe_load((p.project / "dvc.lock").read_text())["stages"]
+
+    def outs(stage: str) -> dict[str, str]:
+        return {o["path"]: o["md5"] for o in stage.get("outs", [])}
+    for name in ("curate", "validate", "train"):  # untouched
+        assert outs(after[f"{name}@{M}"]) == outs(before[f"{name}@{M}"]), name
+    # evaluate's answers are the same bytes (greedy); its metrics.json differs only in clocks and run ids
+    pred = f"data/eval/{M}/predictions.jsonl"
+    assert outs(after[f"evaluate@{M}"])[pred] == outs(before[f"evaluate@{M}"])[pred]
+    assert not _same_run(_files(p.project / OUTPUTS["evaluate"]), p.base["evaluate"])
+    assert not _same_run(_files(p.project / OUTPUTS["promote"]), p.base["promote"])
