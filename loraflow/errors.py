@@ -23,3 +23,7 @@ class ValidationFailed(LoraflowError):
 
 class EvalSetError(LoraflowError, ValueError):
     """An eval or guard set that cannot be scored."""
+
+
+class DiskFull(LoraflowError):
+    """A write that found no room on its file system: the message names the path, the space needed and free."""

@@ -20,7 +20,7 @@ from typing import Any
 from loraflow import evaluation, generation
 from loraflow.config import Params
 from loraflow.evaluation import compare, forgetting_worst, load_eval_set
-from loraflow.io import read_json, write_bytes, write_json, write_jsonl, write_text
+from loraflow.io import json_text, jsonl_text, read_json, write_set
 from loraflow.stepcli import run_step
 
 log = logging.getLogger(__name__)
@@ -99,12 +99,12 @@ def run(params: Params, mode: str, eval_file: Path, adapter_dir: Path, out_dir: 
     preds = evaluation.prediction_rows(main_set, main_gens, scores, verdicts)
 
     png = comparison_png(metrics)
-    # Each file written atomically; metrics.json last, so its presence means the set is complete.
-    # (Not one atomic folder: DVC tracks metrics.json and comparison.png in git, the rest in its cache.)
-    write_jsonl(out_dir / "predictions.jsonl", preds)
-    write_bytes(out_dir / "comparison.png", png)
-    write_text(out_dir / "report.html", report_html(metrics, png))
-    write_json(out_dir / "metrics.json", metrics)
+    # One set, metrics.json last: all four are staged whole first (a full disk changes nothing), then metrics.json
+    # goes, the others replace theirs and metrics.json comes back, so its presence means the set is one run's.
+    # (Not one atomic folder: DVC keeps its .gitignore in data/eval/<mode>/ and tracks metrics.json in git.)
+    write_set(out_dir, {"predictions.jsonl": jsonl_text(preds).encode(), "comparison.png": png,
+                        "report.html": report_html(metrics, png).encode(), "metrics.json": json_text(metrics).encode()},
+              marker="metrics.json")
     evaluation.log_mlflow(run_id, metrics, preds, out_dir)
 
     m = ep.report_metric

@@ -22,11 +22,12 @@ from typing import Any
 
 from loraflow import parity, registry
 from loraflow.config import Params, registered_model_name
-from loraflow.io import atomic_dir, read_json, read_jsonl, write_json
+from loraflow.io import atomic_dir, read_json, read_jsonl, reserved, write_json
 from loraflow.promotion import decide
 from loraflow.stepcli import run_step
 
 log = logging.getLogger(__name__)
+RESERVE = 256 << 10  # bytes claimed for decision.json before the registry is touched (a decision is a few KiB)
 
 
 def run(params: Params, mode: str, metrics_file: Path, adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -39,7 +40,18 @@ def run(params: Params, mode: str, metrics_file: Path, adapter_dir: Path, out_di
         adapter_dir: the candidate adapter folder (train's output).
         out_dir: gets decision.json, written whole.
     """
-    metrics_file = Path(metrics_file)
+    metrics_file, out_dir = Path(metrics_file), Path(out_dir)
+    previous = out_dir / "decision.json"
+    # Room for decision.json first: a full disk must stop promote before anything is registered or moved.
+    with reserved(out_dir, max(RESERVE, 4 * previous.stat().st_size if previous.exists() else 0)):
+        out = _promote(params, mode, metrics_file, Path(adapter_dir))
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "decision.json", out)
+    log.info("promote: %s (%s)", out["decision"], out["reason"])
+    return out
+
+
+def _promote(params: Params, mode: str, metrics_file: Path, adapter_dir: Path) -> dict[str, Any]:
     metrics = read_json(metrics_file)
     d = decide(metrics["candidate"], metrics["base"], metrics.get("champion"), params.promote, metrics.get("deltas"),
                metrics.get("forgetting"))
@@ -64,12 +76,8 @@ def run(params: Params, mode: str, metrics_file: Path, adapter_dir: Path, out_di
                    "registry_note": f"v{version} registered but failed the parity gate: no alias moved"}
         else:
             reg = registry.move(params, mode, version, metrics, d)
-    out = {"decision": d.decision, "reason": d.reason, **reg, "compared_to": d.compared_to, "parity": par,
-           "policy": params.promote.model_dump()}
-    with atomic_dir(out_dir) as tmp:
-        write_json(tmp / "decision.json", out)
-    log.info("promote: %s (%s)", d.decision, d.reason)
-    return out
+    return {"decision": d.decision, "reason": d.reason, **reg, "compared_to": d.compared_to, "parity": par,
+            "policy": params.promote.model_dump()}
 
 
 def main(argv: list[str] | None = None) -> None:
