@@ -82,6 +82,7 @@ def _runs(env: dict[str, str]) -> dict[str, dict]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.campaign  # not yet passing: its second half found every step recomputed (docs/reliability.md)
 def test_prefect_server_killed_mid_flow_then_down_at_its_end(project, tracking, tmp_path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
