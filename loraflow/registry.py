@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from loraflow import generation, models, tracking
 from loraflow.config import Params, registered_model_name
 from loraflow.errors import LoraflowError
-from loraflow.io import read_json, sha256_file
+from loraflow.io import owner_gone, read_json, sha256_file
 
 if TYPE_CHECKING:
     from loraflow.promotion import Decision
@@ -189,8 +189,9 @@ def alias_lock(client, name: str, wait_s: float = 120.0, ttl_s: float = LOCK_TTL
                 raise
         try:
             held = client.get_registered_model(lock)
-            gone = _holder_gone(held.tags.get("holder", ""), holder)
-            if gone or time.time() - float(held.tags.get("since", "0")) > ttl_s:
+            since = float(held.tags.get("since", "0"))
+            gone = _holder_gone(held.tags.get("holder", ""), holder, since)
+            if gone or time.time() - since > ttl_s:
                 log.warning("registry: breaking stale lock %s held by %s (%s)", lock, held.tags.get("holder"),
                             gone or f"older than {ttl_s:.0f} s")
                 client.delete_registered_model(lock)
@@ -209,21 +210,18 @@ def alias_lock(client, name: str, wait_s: float = 120.0, ttl_s: float = LOCK_TTL
         client.delete_registered_model(lock)
 
 
-def _holder_gone(other: str, me: str) -> str | None:
-    """Why the lock's holder can no longer release it, or None: it is this very thread (an earlier attempt whose
-    release the server never saw), or a process of this host that no longer runs."""
+def _holder_gone(other: str, me: str, since: float) -> str | None:
+    """Why the lock's holder, which took it at `since`, can no longer release it, or None: it is this very thread
+    (an earlier attempt whose release the server never saw), or a process of this host that no longer runs (a pid
+    reused since is gone too: `loraflow.io.owner_gone`)."""
     if other == me:
         return "left by this process's earlier attempt"
     host, _, rest = other.partition(":")
     pid = rest.partition(":")[0]
     if host != socket.gethostname() or not pid.isdigit():
         return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+    if owner_gone(int(pid), since):
         return f"its process {pid} no longer runs"
-    except PermissionError:
-        pass
     return None
 
 

@@ -269,6 +269,27 @@ with registry.alias_lock(client, "loraflow-m"):
 """
 
 
+def test_a_lock_holder_is_gone_when_its_pid_now_runs_a_later_process():
+    """The alias lock and loraflow.io's temporary siblings judge a writer gone the same way (`io.owner_gone`):
+    a pid that now runs a process started after the lock was taken is a reused one."""
+    import socket
+
+    from loraflow import registry
+
+    me = f"{socket.gethostname()}:{os.getpid()}:1"
+    later = subprocess.Popen(["sleep", "30"])
+    try:
+        other = f"{socket.gethostname()}:{later.pid}:1"
+        assert registry._holder_gone(other, me, since=time.time() + 5) is None  # took it after sleep started: alive
+        assert "no longer runs" in registry._holder_gone(other, me, since=time.time() - 100)  # before: a reused pid
+        assert registry._holder_gone(f"elsewhere:{later.pid}:1", me, since=0.0) is None  # another host's: unknown
+        assert "earlier attempt" in registry._holder_gone(me, me, since=0.0)
+    finally:
+        later.kill()
+        later.wait()
+    assert "no longer runs" in registry._holder_gone(f"{socket.gethostname()}:{later.pid}:1", me, since=time.time())
+
+
 @pytest.mark.slow  # two MLflow SQLite stores opened on a busy machine: about a minute
 def test_a_promote_killed_inside_the_registry_lock_blocks_the_next_one_for_no_time(tmp_path):
     from loraflow import registry
