@@ -184,9 +184,14 @@ def train_stage(setup: StageSetup, stage: str, key: str, records: list[dict], in
     folder = Path(tp.checkpoint_dir) / setup.mode / f"{stage}-{key}"
     resume = training.last_checkpoint(folder)
     resumed_from = int(resume.name.split("-")[1]) if resume else 0
-    tokens_before = int(read_json(resume / "trainer_state.json").get("num_input_tokens_seen") or 0) if resume else 0
+    state = read_json(resume / "trainer_state.json") if resume else {}
+    tokens_before = int(state.get("num_input_tokens_seen") or 0)
+    # A checkpoint at the stage's last step (a run killed while it wrote its adapter): its weights are the stage's
+    # result. Trainer.train would take one more batch before it checks max_steps, a different adapter.
+    finished = bool(resume) and 0 < int(state.get("max_steps") or 0) <= int(state.get("global_step") or 0)
     if resume:
-        log.info("train: resuming %s from %s (step %d)", stage, resume, resumed_from)
+        log.info("train: resuming %s from %s (step %d%s)", stage, resume, resumed_from,
+                 ", its last: no step left to train" if finished else "")
     built = build_trainer(setup, stage, records, init_adapter, folder)
     trainer, hw = built.trainer, setup.hardware
     tags = {"loraflow.run_key": key, "quantization": "4bit-nf4" if hw.use_4bit else "none",
@@ -197,7 +202,8 @@ def train_stage(setup: StageSetup, stage: str, key: str, records: list[dict], in
             trainer.add_callback(callback)
         before = training.base_fingerprint(trainer.model)
         t0 = time.time()
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        train_loss = training.load_finished(trainer, resume) if finished else \
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
         seconds = time.time() - t0
         base_unchanged = check_base_unchanged(trainer.model, before, stage)
         history = [h for h in trainer.state.log_history if "loss" in h]
@@ -222,7 +228,7 @@ def train_stage(setup: StageSetup, stage: str, key: str, records: list[dict], in
             "train_seconds": round(seconds, 2),
             "tokens_this_run": tokens - tokens_before,
             "final_loss": history[-1]["loss"] if history else None,
-            "train_loss": result.training_loss,
+            "train_loss": train_loss,
             "truncated": built.truncated,
             "batching": built.batching,
             "base_weights_unchanged": base_unchanged,
@@ -236,7 +242,7 @@ def train_stage(setup: StageSetup, stage: str, key: str, records: list[dict], in
             "load_seconds": round(built.load_seconds, 2),
         }
         if run:
-            run.log_metrics({"train_seconds": seconds, "train_loss": float(result.training_loss or 0),
+            run.log_metrics({"train_seconds": seconds, "train_loss": float(train_loss or 0),
                              "steps": res["steps"]}, step=res["steps"])
     return res
 

@@ -62,6 +62,28 @@ def last_checkpoint(folder: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def load_finished(trainer, checkpoint: Path) -> float | None:
+    """Take a checkpoint written at its run's last step as the result without training: its adapter weights into
+    `trainer.model`, its state into `trainer.state`. Returns the run's mean training loss, step-weighted from the
+    losses the checkpoint logged (what Trainer reports as train_loss, to its logs' rounding)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    checkpoint = Path(checkpoint)
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    missing = set_peft_model_state_dict(trainer.model, weights).unexpected_keys
+    if missing:
+        raise RuntimeError(f"{checkpoint}: {len(missing)} tensors match no LoRA layer of the model, e.g. {missing[0]}")
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    total, last = 0.0, 0
+    for entry in trainer.state.log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    return total / last if last else None
+
+
 def process() -> tuple[int, int]:
     """(rank, world size) of this process: torchrun and `accelerate launch` set RANK and WORLD_SIZE; (0, 1) alone.
     Read from the environment so it is known before the trainer sets up the process group."""

@@ -235,6 +235,32 @@ def test_a_stage_whose_base_weights_move_during_training_fails(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_at_the_last_step_is_the_result_not_one_step_more(tmp_path):
+    """A run killed after its last checkpoint, while it wrote its adapter (found by the SIGKILL campaign): the re-run
+    takes that checkpoint's weights as they are, no batch more, the same adapter as the uninterrupted run."""
+    from loraflow.models import load_tokenizer, resolve
+    from loraflow.train_plan import choose_hardware
+    from loraflow.trainer import StageSetup, train_stage
+
+    params = load_params(ROOT / "params.yaml", [*FAST, "train.max_steps=2", "train.save_steps=2",
+                                                f"train.checkpoint_dir={tmp_path / 'ckpt'}"])
+    path = resolve(params.base.model, params.base.model_cache)
+    setup = StageSetup(params, MODE, load_tokenizer(path), path, choose_hardware(params.train))
+    records = [{"messages": [{"role": "user", "content": f"O que é ACOS? ({i})"},
+                             {"role": "assistant", "content": "Custo de publicidade sobre as vendas."}]} for i in range(8)]
+    first = train_stage(setup, "sft", "last", records, None)
+    assert first["steps"] == 2 and first["resumed_from_step"] == 0
+    assert (first["checkpoints"] / "checkpoint-2" / "trainer_state.json").exists()
+    import shutil
+
+    shutil.rmtree(first["checkpoints"] / "final")  # killed while it wrote the adapter
+    again = train_stage(setup, "sft", "last", records, None)
+    assert again["resumed_from_step"] == 2 and again["steps"] == 2 and again["tokens_this_run"] == 0
+    assert again["adapter_sha256"] == first["adapter_sha256"]
+    assert again["train_loss"] == pytest.approx(first["train_loss"], abs=1e-3)  # from the logged losses (4 digits)
+
+
+@pytest.mark.slow
 def test_killed_training_resumes_from_its_last_checkpoint(project):
 
     _prepared(project, [*FAST, "train.max_steps=6", "train.save_steps=2"])
