@@ -3,6 +3,8 @@ no champion."""
 
 from __future__ import annotations
 
+import pytest
+
 from loraflow.config import PromoteParams
 from loraflow.promotion import decide
 
@@ -151,3 +153,33 @@ def test_missing_degeneration_rates_fail_closed_unless_the_floors_are_off():
     assert d.decision == "reject" and "the metrics hold no loop_rate" in d.reason
     off = PromoteParams(min_stop_rate=None, max_loop_rate=None)
     assert decide(bare, {"rougeL": _m(0.3)}, None, off).decision == "promote"
+
+
+def test_the_margins_benchmark_reads_each_guard_the_way_the_gate_decides_it():
+    """bench/margins.py's margin of every guard is > 0 exactly where decide() let it pass, and measures the
+    distance to failing in the gate's own units."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("margins", ROOT / "bench" / "margins.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    policy = PromoteParams(guards={"bertscore": 0.02})
+    cases = [  # (candidate, forgetting: candidate vs base), each with one guard just held or just failed
+        (s(0.5, stop=0.85, loop=0.15, bertscore=0.79), _forgetting(0.29, 0.30)),
+        (s(0.5, stop=0.75, loop=0.25, bertscore=0.77), _forgetting(0.27, 0.30)),
+        (s(0.31), None),
+    ]
+    for cand, forgetting in cases:
+        d = decide(cand, s(0.3, stop=0.9, loop=0.1), None, policy, forgetting=forgetting)
+        m = bench.margins(d.compared_to)
+        failed = {k for k, v in m.items() if v <= 0}
+        assert (d.decision == "promote") == (not failed), (d.reason, m)
+        for name in failed:  # each failed guard is named in the gate's reason
+            word = {"degeneration:min_stop_rate": "stop_rate", "degeneration:max_loop_rate": "loop_rate"}.get(name, name.split(":")[-1])
+            assert word.split()[0] in d.reason, (name, d.reason)
+    m = bench.margins(decide(*cases[0][:1], s(0.3, stop=0.9, loop=0.1), None, policy, forgetting=cases[0][1]).compared_to)
+    assert m["forgetting:general"] == pytest.approx(0.29 - (0.30 - 0.02))
+    assert m["bertscore"] == pytest.approx(0.79 - (0.8 - 0.02)) and m["delta rougeL vs base"] == pytest.approx(0.2)
+    assert m["degeneration:min_stop_rate"] == pytest.approx(0.85 - 0.8)
