@@ -72,9 +72,9 @@ def load_finished(trainer, checkpoint: Path) -> float | None:
 
     checkpoint = Path(checkpoint)
     weights = load_file(str(checkpoint / "adapter_model.safetensors"))
-    missing = set_peft_model_state_dict(trainer.model, weights).unexpected_keys
-    if missing:
-        raise RuntimeError(f"{checkpoint}: {len(missing)} tensors match no LoRA layer of the model, e.g. {missing[0]}")
+    unmatched = set_peft_model_state_dict(trainer.model, weights).unexpected_keys
+    if unmatched:
+        raise RuntimeError(f"{checkpoint}: {len(unmatched)} tensors match no LoRA layer of the model, e.g. {unmatched[0]}")
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     total, last = 0.0, 0
     for entry in trainer.state.log_history:
