@@ -1,10 +1,8 @@
 """Orchestration: the flow's cache keys, the retrain decision, prefect.yaml, the GitHub workflows (actionlint),
-the DVC remote; slow: a failed validation seen from the flow's state, DVC experiments and push."""
+the DVC remote; slow: a failed validation seen from the flow's state (DVC experiments and push: test_pipeline.py)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -16,7 +14,7 @@ import yaml
 
 from flows.pipeline import INPUTS, OUTPUTS, step_cache_key
 from flows.retrain import should_start
-from loraflow.config import STEPS, Paths, apply_overrides, load_params
+from loraflow.config import STEPS, Paths, load_params
 from tests.conftest import MODE, ROOT, SHRUNK, chat, write_jsonl
 
 BIN = Path(sys.executable).parent
@@ -169,44 +167,3 @@ def test_failed_validation_ends_the_flow_failed_and_runs_nothing_downstream(proj
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     assert sorted((t.name.rsplit("-", 1)[0], t.state.name) for t in tasks) == [("curate", "Completed"), ("validate", "Failed")]
     assert not (project / "data" / "adapters" / MODE).exists()
-
-
-@pytest.mark.slow
-def test_dvc_experiment_compares_and_push_stores_data_and_adapters(project, tmp_path_factory):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    (project / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, SHRUNK), sort_keys=False))
-    shutil.copy(ROOT / ".gitignore", project / ".gitignore")
-    remote = tmp_path_factory.mktemp("dvc-remote")
-    dvc = str(BIN / "dvc")
-    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "remote", "add", "-d", "local", str(remote)],
-                [dvc, "repro", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"],
-                [dvc, "exp", "run", "-S", "train.lora_r=8", "-S", "train.lora_alpha=16", "-n", "r8"],
-                [dvc, "exp", "show", "--json"], [dvc, "push"]):
-        r = _run(cmd, project)
-        assert r.returncode == 0, (cmd, r.stdout[-3000:], r.stderr[-3000:])
-        if cmd[1:3] == ["exp", "run"]:
-            ran = r.stdout
-        if cmd[1:3] == ["exp", "show"]:
-            shown = json.loads(r.stdout)
-    # changing a train param re-runs training and what follows, not curation or validation
-    assert f"Running stage 'train@{MODE}'" in ran and f"Running stage 'evaluate@{MODE}'" in ran
-    assert f"'curate@{MODE}'" not in ran.replace(f"Stage 'curate@{MODE}' didn't change", "")
-
-    # exp show --json: the workspace, then each commit with its experiments under experiments[].revs[]
-    commit = next(c for c in shown if c["rev"] != "workspace")
-    r8 = next(r["data"] for e in commit["experiments"] for r in e["revs"] if e["name"] == "r8")
-    base = commit["data"]
-    assert r8["params"]["params.yaml"]["data"]["train"]["lora_r"] == 8
-    assert base["params"]["params.yaml"]["data"]["train"]["lora_r"] == 16
-    metrics_file = f"data/eval/{MODE}/metrics.json"
-    for d in (r8, base):
-        assert 0 <= d["metrics"][metrics_file]["data"]["candidate"]["rougeL"]["mean"] <= 1
-
-    # the remote holds the curated data and the adapter (content-addressed by md5)
-    st = _run([dvc, "status", "--cloud", f"data/curated/{MODE}", f"data/adapters/{MODE}"], project)
-    assert st.returncode == 0 and "in sync" in st.stdout, st.stdout + st.stderr
-    for f in (project / "data" / "curated" / MODE / "train.jsonl",
-              project / "data" / "adapters" / MODE / "adapter_model.safetensors"):
-        md5 = hashlib.md5(f.read_bytes()).hexdigest()
-        assert (remote / "files" / "md5" / md5[:2] / md5[2:]).exists(), f

@@ -1,10 +1,12 @@
 """Whole-pipeline runs on shrunk params: the Prefect flow through `loraflow run`, a dataset that fails the
-gate, and `dvc repro` (twice: the second run must re-run nothing)."""
+gate, and `dvc repro` (twice: the second run must re-run nothing), then a DVC experiment and `dvc push` on it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,24 +104,60 @@ def test_data_breaking_an_expectation_stops_before_training(project, tracking):
         assert not _registry(project).search_registered_models()
 
 
-def test_dvc_repro_runs_all_stages_then_nothing(project):
+def test_dvc_repro_runs_all_stages_then_nothing_then_an_experiment_and_push(project, tmp_path_factory):
+    """One `dvc repro` of the whole DAG serves three promises (a full repro is the expensive part): every stage
+    runs, then nothing; `dvc exp run` with a train param re-runs train and what follows, `exp show` compares, and
+    `dvc push` stores the curated data and the adapter; an edit to a module a stage runs makes that stage stale."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     (project / "params.yaml").write_text(yaml.safe_dump(apply_overrides(params, SHRUNK), sort_keys=False))
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
+    shutil.copy(ROOT / ".gitignore", project / ".gitignore")
+    remote = tmp_path_factory.mktemp("dvc-remote")
+    dvc = str(BIN / "dvc")
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "remote", "add", "-d", "local", str(remote)]):
         assert _run(cmd, project).returncode == 0
-    r = _run([str(BIN / "dvc"), "repro"], project)
+    r = _run([dvc, "repro"], project)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     for stage in ("curate", "validate", "train", "evaluate", "promote", "model_card"):
         assert f"Running stage '{stage}@{MODE}'" in r.stdout
     assert (project / "model_cards" / f"{MODE}.md").exists() and (project / "dvc.lock").exists()
-    again = _run([str(BIN / "dvc"), "repro"], project)
+    again = _run([dvc, "repro"], project)
     assert again.returncode == 0 and "Running stage" not in again.stdout
     assert "Data and pipelines are up to date" in again.stdout
+
+    # an experiment: changing a train param re-runs training and what follows, not curation or validation
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"],
+                [dvc, "exp", "run", "-S", "train.lora_r=8", "-S", "train.lora_alpha=16", "-n", "r8"],
+                [dvc, "exp", "show", "--json"], [dvc, "push"]):
+        r = _run(cmd, project)
+        assert r.returncode == 0, (cmd, r.stdout[-3000:], r.stderr[-3000:])
+        if cmd[1:3] == ["exp", "run"]:
+            ran = r.stdout
+        if cmd[1:3] == ["exp", "show"]:
+            shown = json.loads(r.stdout)
+    assert f"Running stage 'train@{MODE}'" in ran and f"Running stage 'evaluate@{MODE}'" in ran
+    assert f"'curate@{MODE}'" not in ran.replace(f"Stage 'curate@{MODE}' didn't change", "")
+    # exp show --json: the workspace, then each commit with its experiments under experiments[].revs[]
+    commit = next(c for c in shown if c["rev"] != "workspace")
+    r8 = next(r["data"] for e in commit["experiments"] for r in e["revs"] if e["name"] == "r8")
+    base = commit["data"]
+    assert r8["params"]["params.yaml"]["data"]["train"]["lora_r"] == 8
+    assert base["params"]["params.yaml"]["data"]["train"]["lora_r"] == 16
+    metrics_file = f"data/eval/{MODE}/metrics.json"
+    for d in (r8, base):
+        assert 0 <= d["metrics"][metrics_file]["data"]["candidate"]["rougeL"]["mean"] <= 1
+    # the remote holds the curated data and the adapter (content-addressed by md5)
+    st = _run([dvc, "status", "--cloud", f"data/curated/{MODE}", f"data/adapters/{MODE}"], project)
+    assert st.returncode == 0 and "in sync" in st.stdout, st.stdout + st.stderr
+    for f in (project / "data" / "curated" / MODE / "train.jsonl",
+              project / "data" / "adapters" / MODE / "adapter_model.safetensors"):
+        md5 = hashlib.md5(f.read_bytes()).hexdigest()
+        assert (remote / "files" / "md5" / md5[:2] / md5[2:]).exists(), f
+
     # an edit to the loss mask's module (run by validate and train, imported by neither step directly) is a
     # change DVC sees: those two stages are stale, curate is not
     checks = project / "loraflow" / "checks.py"
     checks.write_text(checks.read_text() + "\n# edited\n")
-    status = _run([str(BIN / "dvc"), "status"], project)
+    status = _run([dvc, "status"], project)
     assert status.returncode == 0, status.stderr
     stale = {line.rstrip(":").strip() for line in status.stdout.splitlines() if line.rstrip().endswith(":")
              and "@" in line and not line.startswith("\t")}
