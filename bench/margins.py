@@ -38,16 +38,11 @@ RESULTS = ROOT / "bench" / "results" / "margins.jsonl"
 
 
 def margins(compared: dict) -> dict[str, float]:
-    """Every guard's margin (> 0: passed by that much; <= 0: failed) from decision.json's `compared_to`."""
+    """Every check's margin from decision.json's `compared_to`, as the gate wrote it (loraflow.promotion.decide:
+    > 0 passed by that much, < 0 failed; the primary metric needs > 0, a guard passes at 0)."""
     ref = "champion" if "champion" in compared else "base"
-    out = {f"delta {compared['metric']} vs {ref}": compared["delta"] - compared["min_delta"]}
-    for name, g in compared.get("guards", {}).items():
-        cand = g["candidate"]
-        if "limit" in g:  # degeneration:max_loop_rate / min_stop_rate
-            out[name] = g["limit"] - cand if name.endswith("max_loop_rate") else cand - g["limit"]
-            continue
-        ref = next(v for k, v in g.items() if k not in ("candidate", "tolerance"))
-        out[name] = ref + g["tolerance"] - cand if name.endswith("loop_rate") else cand - (ref - g["tolerance"])
+    out = {f"delta {compared['metric']} vs {ref}": compared["margin"]}
+    out.update({name: g["margin"] for name, g in compared.get("guards", {}).items()})
     return out
 
 

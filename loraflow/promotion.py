@@ -32,12 +32,14 @@ def _primary(m: str, candidate: dict, ref: dict, ref_name: str, policy: PromoteP
     nums: dict[str, Any] = {"candidate": cand, ref_name: refv, "delta": delta}
     text = f"{m} {cand:.4f} vs {ref_name} {refv:.4f} (delta {delta:+.4f}, needs > {policy.min_delta:+.4f}"
     passed = delta > policy.min_delta
+    nums["margin"] = delta - policy.min_delta
     if policy.require_ci_above_zero:
         ci = ((deltas or {}).get(f"candidate_vs_{ref_name}") or {}).get(m)
         if ci is None:
             passed, text = False, text + "; no confidence interval available"
         else:
             nums["ci_low"] = ci["ci_low"]
+            nums["margin"] = min(nums["margin"], ci["ci_low"])
             passed = passed and ci["ci_low"] > 0
             text += f"; CI low {ci['ci_low']:+.4f} must be > 0"
     return passed, text + ")", nums
@@ -73,8 +75,9 @@ def _degeneration(candidate: dict, ref: dict, ref_name: str, policy: PromotePara
         if value is None:
             failed.append(f"degeneration floor promote.{key}: the metrics hold no {rate} (evaluate again)")
             continue
-        nums[f"degeneration:{key}"] = {"candidate": value, "limit": limit}
         bad = value > limit if higher_worse else value < limit
+        nums[f"degeneration:{key}"] = {"candidate": value, "limit": limit,
+                                       "margin": (limit - value) if higher_worse else (value - limit)}
         text = (f"degeneration floor promote.{key}: {rate} {value:.3f} ({what}) "
                 f"{'>' if bad and higher_worse else '<' if bad else 'within'} {limit:.2f}")
         (failed if bad else held).append(text)
@@ -89,7 +92,7 @@ def _degeneration(candidate: dict, ref: dict, ref_name: str, policy: PromotePara
             if c is None or r is None:
                 continue
             worse = (c - r) if higher_worse else (r - c)
-            nums[f"degeneration:{where}:{rate}"] = {"candidate": c, r_name: r, "tolerance": tol}
+            nums[f"degeneration:{where}:{rate}"] = {"candidate": c, r_name: r, "tolerance": tol, "margin": tol - worse}
             text = (f"degeneration on {where}: {rate} {c:.3f} vs {r_name} {r:.3f} "
                     f"({'rise' if higher_worse else 'drop'} {worse:+.3f}, tolerance {tol:.2f})")
             (failed if worse > tol else held).append(text)
@@ -103,7 +106,7 @@ def _guards(candidate: dict, ref: dict, ref_name: str, policy: PromoteParams,
     failed, held, nums = [], [], {}
     for g, tol in policy.guards.items():
         cand, refv = candidate[g]["mean"], ref[g]["mean"]
-        nums[g] = {"candidate": cand, ref_name: refv, "tolerance": tol}
+        nums[g] = {"candidate": cand, ref_name: refv, "tolerance": tol, "margin": tol - (refv - cand)}
         text = f"{g} {cand:.4f} vs {ref_name} {refv:.4f} (drop {refv - cand:+.4f}, tolerance {tol:.4f})"
         (failed if refv - cand > tol else held).append(text)
     d_failed, d_held, d_nums = _degeneration(candidate, ref, ref_name, policy, forgetting)
@@ -115,7 +118,8 @@ def _guards(candidate: dict, ref: dict, ref_name: str, policy: PromoteParams,
         # Compare with the same model the gate compares with; a set the champion was not scored on uses base.
         r_name = ref_name if scores.get(ref_name) else "base"
         cand, refv = scores["candidate"][metric]["mean"], scores[r_name][metric]["mean"]
-        nums[f"forgetting:{set_name}"] = {"candidate": cand, r_name: refv, "tolerance": tol}
+        nums[f"forgetting:{set_name}"] = {"candidate": cand, r_name: refv, "tolerance": tol,
+                                          "margin": tol - (refv - cand)}
         text = (f"forgetting on {set_name!r}: {metric} {cand:.4f} vs {r_name} {refv:.4f} "
                 f"(drop {refv - cand:+.4f}, tolerance {tol:.4f})")
         (failed if refv - cand > tol else held).append(text)
@@ -133,7 +137,9 @@ def decide(candidate: dict, base: dict, champion: dict | None, policy: PromotePa
     any set. Each guard metric (`guards: {metric: tolerance}`) may not fall more than its tolerance below the same
     reference, nor may the primary metric on any set of `forgetting` (metrics.json's section:
     `{"metric"?: str, "sets": {name: {"base": summary, "champion": summary | None, "candidate": summary}}}`)
-    fall more than `forgetting_tolerance`. A candidate that fails against the champion but passes all of
+    fall more than `forgetting_tolerance`. `compared_to` carries each check's numbers and its `margin`: how far
+    inside its limit the candidate is (negative: failed by that much; the primary metric fails at 0 too, the
+    guards pass at 0). A candidate that fails against the champion but passes all of
     that against the base becomes `challenger`; anything else that fails is rejected. Policy `manual`
     turns a pass into `challenger`.
     """

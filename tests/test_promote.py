@@ -76,7 +76,8 @@ def test_guard_regression_blocks_a_better_primary():
     d = decide(s(0.5, bertscore=0.75), s(0.3, bertscore=0.8), None, GUARDED)
     assert d.decision == "reject"
     assert "guard regressed: bertscore 0.7500 vs base 0.8000 (drop +0.0500, tolerance 0.0200)" in d.reason
-    assert d.compared_to["guards"]["bertscore"] == {"candidate": 0.75, "base": 0.8, "tolerance": 0.02}
+    assert d.compared_to["guards"]["bertscore"] == {"candidate": 0.75, "base": 0.8, "tolerance": 0.02,
+                                                    "margin": pytest.approx(-0.03)}
 
 
 def test_guard_drop_within_tolerance_passes_and_is_reported():
@@ -129,7 +130,8 @@ def test_default_gate_rejects_a_looping_adapter_that_raised_rouge():
     assert "degeneration floor promote.min_stop_rate: stop_rate 0.333 (answers that end their turn) < 0.80" in d.reason
     assert "degeneration on the eval set: loop_rate 0.714 vs base 0.048 (rise +0.666, tolerance 0.10)" in d.reason
     assert "primary" not in d.reason  # ROUGE-L itself passed: only the degeneration guards stopped it
-    assert d.compared_to["guards"]["degeneration:max_loop_rate"] == {"candidate": 0.714, "limit": 0.2}
+    assert d.compared_to["guards"]["degeneration:max_loop_rate"] == {"candidate": 0.714, "limit": 0.2,
+                                                                      "margin": pytest.approx(0.2 - 0.714)}
 
 
 def test_degeneration_worse_than_the_reference_beyond_tolerance_fails_above_the_floors():
@@ -155,9 +157,9 @@ def test_missing_degeneration_rates_fail_closed_unless_the_floors_are_off():
     assert decide(bare, {"rougeL": _m(0.3)}, None, off).decision == "promote"
 
 
-def test_the_margins_benchmark_reads_each_guard_the_way_the_gate_decides_it():
-    """bench/margins.py's margin of every guard is > 0 exactly where decide() let it pass, and measures the
-    distance to failing in the gate's own units."""
+def test_the_gate_writes_each_checks_margin_and_the_margins_benchmark_reads_it():
+    """decide() writes every check's margin into compared_to (decision.json): > 0 exactly where the check passed,
+    the distance to failing in the gate's own units; bench/margins.py reads those, restating no rule."""
     import importlib.util
 
     from tests.conftest import ROOT
@@ -183,3 +185,10 @@ def test_the_margins_benchmark_reads_each_guard_the_way_the_gate_decides_it():
     assert m["forgetting:general"] == pytest.approx(0.29 - (0.30 - 0.02))
     assert m["bertscore"] == pytest.approx(0.79 - (0.8 - 0.02)) and m["delta rougeL vs base"] == pytest.approx(0.2)
     assert m["degeneration:min_stop_rate"] == pytest.approx(0.85 - 0.8)
+    # with the interval required, the primary's margin is the nearer of its two limits
+    ci = {"candidate_vs_base": {"rougeL": {"ci_low": 0.05, "ci_high": 0.3}}}
+    d = decide(s(0.31), s(0.3), None, PromoteParams(require_ci_above_zero=True, min_delta=0.0), deltas=ci)
+    assert d.decision == "promote" and d.compared_to["margin"] == pytest.approx(0.01)
+    ci["candidate_vs_base"]["rougeL"]["ci_low"] = -0.002
+    d = decide(s(0.31), s(0.3), None, PromoteParams(require_ci_above_zero=True, min_delta=0.0), deltas=ci)
+    assert d.decision == "reject" and d.compared_to["margin"] == pytest.approx(-0.002)
