@@ -97,6 +97,7 @@ def _serve(args, trigger: Callable[..., dict[str, Any]] | None) -> int:
         unknown_mode=args.unknown_mode, poll_interval=args.poll_interval, max_messages=args.max_messages,
         max_chars=args.max_chars, max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
         feedback_threshold=args.feedback_threshold, trigger_command=args.on_feedback, deployment=args.deployment,
+        feedback_warm_start=args.feedback_warm_start,
         keys=keys, rate_limit=args.rate_limit, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
         trigger=trigger)
     uvicorn.run(create_app(params, settings), host=args.host, port=args.port, log_level="info")
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None, run_pipeline: Callable[..., Any] | None 
                     help="command run instead of the pipeline when the threshold passes ({mode} is substituted)")
     sp.add_argument("--deployment", default="loraflow/on-demand",
                     help="Prefect deployment run when PREFECT_API_URL is set")
+    sp.add_argument("--feedback-warm-start", choices=("champion", "off"), default="champion",
+                    help="train.warm_start of the runs feedback starts (default champion: continue the served adapter "
+                         "on the new records plus a replay sample; -S train.warm_start=... overrides it)")
     pp = sub.add_parser("promote", help="a person's decision: make VERSION the champion of loraflow-MODE")
     pp.add_argument("mode")
     pp.add_argument("version")

@@ -94,6 +94,33 @@ def test_default_trigger_is_loraflow_run_and_a_command_template_replaces_it(tmp_
     assert open(run["log"]).read().strip() == "curating m"
 
 
+def test_runs_feedback_starts_warm_start_from_the_champion_unless_told_otherwise(tmp_path):
+    """The threshold's event starts a run with train.warm_start=champion (the measured default for feedback
+    rounds); --feedback-warm-start off, or the server's own -S train.warm_start=off, gives a from-scratch run."""
+    from loraflow.config import load_params
+    from loraflow.serve import ServeSettings
+    from loraflow.serve.feedback import FeedbackSink
+    from tests.conftest import ROOT
+
+    def warm_start_of(**settings) -> str:
+        started = []
+
+        def trigger(mode, root, params_file, overrides, command, deployment):
+            started.append(overrides)
+            return {"how": "test", "started": "now"}
+
+        root = tmp_path / f"server{len(list(tmp_path.iterdir()))}"  # each server its own feedback folder
+        sink = FeedbackSink(ServeSettings(root=root, feedback_threshold=2, trigger=trigger, **settings))
+        for _ in range(2):
+            out = sink.record(event(rating=5))
+        assert out["run_started"] is not None and len(started) == 1
+        return load_params(ROOT / "params.yaml", started[0]).train.warm_start
+
+    assert warm_start_of() == "champion"
+    assert warm_start_of(feedback_warm_start="off") == "off"
+    assert warm_start_of(overrides=["train.warm_start=off", "train.max_steps=3"]) == "off"
+
+
 def test_events_from_keys_that_may_not_train_are_counted_apart_and_teach_nothing(tmp_path):
     fb.append_event(tmp_path, event(rating=5, key="public-app", trains=False))
     fb.append_event(tmp_path, event(rating=5, key="support", trains=True))

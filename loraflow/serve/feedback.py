@@ -95,11 +95,15 @@ class FeedbackSink:
         proc = self.runs.get(mode, {}).get("process")
         return proc is not None and proc.poll() is None
 
+    def run_overrides(self) -> list[str]:
+        """The -S overrides of a run feedback starts: its warm start first, then the server's own (which win)."""
+        return [f"train.warm_start={self.settings.feedback_warm_start}", *self.settings.overrides]
+
     def _trigger(self, mode: str) -> dict[str, Any] | None:
         s = self.settings
         start = s.trigger or start_local_run
         try:
-            run = start(mode, Path(s.root), s.params_file, s.overrides, s.trigger_command, s.deployment)
+            run = start(mode, Path(s.root), s.params_file, self.run_overrides(), s.trigger_command, s.deployment)
         except Exception:  # noqa: BLE001 - feedback is already safe on disk; the next one retries the trigger
             log.exception("feedback: could not start a pipeline run for mode %s", mode)
             return None

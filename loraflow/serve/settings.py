@@ -27,6 +27,9 @@ class ServeSettings:
     feedback_threshold: int = 50  # new feedback events for a mode that start a pipeline run; 0 = never
     trigger_command: str | None = None  # e.g. "python -m steps.curate ... {mode}"; None = Prefect or `loraflow run`
     deployment: str = "loraflow/on-demand"
+    # train.warm_start for the runs feedback starts (before `overrides`, so a -S train.warm_start=... still wins):
+    # champion continues the served adapter on the new records + a replay sample (measured: docs/benchmarks.md).
+    feedback_warm_start: Literal["champion", "off"] = "champion"
     # Starts a pipeline run: (mode, root, params_file, overrides, trigger_command, deployment) -> how it started.
     # Handed in by the entry point (flows/cli.py: Prefect-aware); None = a local `loraflow run` process.
     trigger: Callable[..., dict[str, Any]] | None = None
