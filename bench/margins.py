@@ -41,7 +41,8 @@ def margins(compared: dict) -> dict[str, float]:
     """Every check's margin from decision.json's `compared_to`, as the gate wrote it (loraflow.promotion.decide:
     > 0 passed by that much, < 0 failed; the primary metric needs > 0, a guard passes at 0)."""
     ref = "champion" if "champion" in compared else "base"
-    out = {f"delta {compared['metric']} vs {ref}": compared["margin"]}
+    # the primary has no margin when the gate wanted an interval it did not get (it failed closed)
+    out = {f"delta {compared['metric']} vs {ref}": compared.get("margin", float("-inf"))}
     out.update({name: g["margin"] for name, g in compared.get("guards", {}).items()})
     return out
 

@@ -31,18 +31,16 @@ def _primary(m: str, candidate: dict, ref: dict, ref_name: str, policy: PromoteP
     delta = cand - refv
     nums: dict[str, Any] = {"candidate": cand, ref_name: refv, "delta": delta}
     text = f"{m} {cand:.4f} vs {ref_name} {refv:.4f} (delta {delta:+.4f}, needs > {policy.min_delta:+.4f}"
-    passed = delta > policy.min_delta
     nums["margin"] = delta - policy.min_delta
     if policy.require_ci_above_zero:
         ci = ((deltas or {}).get(f"candidate_vs_{ref_name}") or {}).get(m)
-        if ci is None:
-            passed, text = False, text + "; no confidence interval available"
-        else:
-            nums["ci_low"] = ci["ci_low"]
-            nums["margin"] = min(nums["margin"], ci["ci_low"])
-            passed = passed and ci["ci_low"] > 0
-            text += f"; CI low {ci['ci_low']:+.4f} must be > 0"
-    return passed, text + ")", nums
+        if ci is None:  # nothing to measure a margin against: fails closed
+            del nums["margin"]
+            return False, text + "; no confidence interval available)", nums
+        nums["ci_low"] = ci["ci_low"]
+        nums["margin"] = min(nums["margin"], ci["ci_low"])
+        text += f"; CI low {ci['ci_low']:+.4f} must be > 0"
+    return nums["margin"] > 0, text + ")", nums
 
 
 def _forgetting_sets(forgetting: dict | None) -> dict[str, dict]:
@@ -75,9 +73,9 @@ def _degeneration(candidate: dict, ref: dict, ref_name: str, policy: PromotePara
         if value is None:
             failed.append(f"degeneration floor promote.{key}: the metrics hold no {rate} (evaluate again)")
             continue
-        bad = value > limit if higher_worse else value < limit
-        nums[f"degeneration:{key}"] = {"candidate": value, "limit": limit,
-                                       "margin": (limit - value) if higher_worse else (value - limit)}
+        margin = (limit - value) if higher_worse else (value - limit)
+        nums[f"degeneration:{key}"] = {"candidate": value, "limit": limit, "margin": margin}
+        bad = margin < 0
         text = (f"degeneration floor promote.{key}: {rate} {value:.3f} ({what}) "
                 f"{'>' if bad and higher_worse else '<' if bad else 'within'} {limit:.2f}")
         (failed if bad else held).append(text)
@@ -92,10 +90,11 @@ def _degeneration(candidate: dict, ref: dict, ref_name: str, policy: PromotePara
             if c is None or r is None:
                 continue
             worse = (c - r) if higher_worse else (r - c)
-            nums[f"degeneration:{where}:{rate}"] = {"candidate": c, r_name: r, "tolerance": tol, "margin": tol - worse}
+            margin = tol - worse
+            nums[f"degeneration:{where}:{rate}"] = {"candidate": c, r_name: r, "tolerance": tol, "margin": margin}
             text = (f"degeneration on {where}: {rate} {c:.3f} vs {r_name} {r:.3f} "
                     f"({'rise' if higher_worse else 'drop'} {worse:+.3f}, tolerance {tol:.2f})")
-            (failed if worse > tol else held).append(text)
+            (failed if margin < 0 else held).append(text)
     return failed, held, nums
 
 
@@ -108,7 +107,7 @@ def _guards(candidate: dict, ref: dict, ref_name: str, policy: PromoteParams,
         cand, refv = candidate[g]["mean"], ref[g]["mean"]
         nums[g] = {"candidate": cand, ref_name: refv, "tolerance": tol, "margin": tol - (refv - cand)}
         text = f"{g} {cand:.4f} vs {ref_name} {refv:.4f} (drop {refv - cand:+.4f}, tolerance {tol:.4f})"
-        (failed if refv - cand > tol else held).append(text)
+        (failed if nums[g]["margin"] < 0 else held).append(text)
     d_failed, d_held, d_nums = _degeneration(candidate, ref, ref_name, policy, forgetting)
     failed, held = failed + d_failed, held + d_held
     nums.update(d_nums)
@@ -118,11 +117,11 @@ def _guards(candidate: dict, ref: dict, ref_name: str, policy: PromoteParams,
         # Compare with the same model the gate compares with; a set the champion was not scored on uses base.
         r_name = ref_name if scores.get(ref_name) else "base"
         cand, refv = scores["candidate"][metric]["mean"], scores[r_name][metric]["mean"]
-        nums[f"forgetting:{set_name}"] = {"candidate": cand, r_name: refv, "tolerance": tol,
-                                          "margin": tol - (refv - cand)}
+        margin = tol - (refv - cand)
+        nums[f"forgetting:{set_name}"] = {"candidate": cand, r_name: refv, "tolerance": tol, "margin": margin}
         text = (f"forgetting on {set_name!r}: {metric} {cand:.4f} vs {r_name} {refv:.4f} "
                 f"(drop {refv - cand:+.4f}, tolerance {tol:.4f})")
-        (failed if refv - cand > tol else held).append(text)
+        (failed if margin < 0 else held).append(text)
     return failed, held, nums
 
 

@@ -192,3 +192,7 @@ def test_the_gate_writes_each_checks_margin_and_the_margins_benchmark_reads_it()
     ci["candidate_vs_base"]["rougeL"]["ci_low"] = -0.002
     d = decide(s(0.31), s(0.3), None, PromoteParams(require_ci_above_zero=True, min_delta=0.0), deltas=ci)
     assert d.decision == "reject" and d.compared_to["margin"] == pytest.approx(-0.002)
+    # no interval at all: the gate fails closed and claims no margin; the benchmark reads that as failed
+    d = decide(s(0.31), s(0.3), None, PromoteParams(require_ci_above_zero=True, min_delta=0.0))
+    assert d.decision == "reject" and "margin" not in d.compared_to
+    assert bench.margins(d.compared_to)["delta rougeL vs base"] < 0
